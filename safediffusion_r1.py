@@ -1,0 +1,780 @@
+"""SafeDiffusion-R1 in one file: online GRPO post-training that teaches Stable Diffusion to refuse
+unsafe content, rewarded by CLIP embeddings steered toward a "safe" direction (arXiv 2605.18719).
+
+The method, top to bottom:
+  1. For each prompt (a mix of unsafe "negative" and benign "positive" prompts) sample a group of G
+     images with a stochastic DDIM sampler (eta > 0) that records log p(x_{t-1} | x_t) of every step.
+  2. Score each image with a frozen CLIP: cos(image, n(n(text) + alpha * v_safe)), where v_safe
+     points from unsafe anchor phrases to safe ones. No safety classifier, no paired data.
+  3. Normalise rewards within each group (GRPO advantages), then update the UNet one denoising step
+     at a time with the PPO clipped-ratio objective plus a KL penalty to the starting model.
+
+Deviations from the paper / the authors' release (each is also noted where it happens, and in the README):
+  - fresh initial noise per image (the release shares one noise across the whole batch);
+  - rewards are scored in memory on the batch (the release writes JPEGs and scores them one by one);
+  - a closed-form KL penalty to the reference (the release only logs approx_kl; --kl-coef 0 = release);
+  - our own 25 safe + 20 unsafe anchors (the release's scaled anchors were never published);
+  - one GPU: --gradient-accumulation-steps stands in for the release's 8-GPU data parallelism.
+
+Run:
+  24 GB GPU : python safediffusion_r1.py --steps 300 --model CompVis/stable-diffusion-v1-4
+  CPU, tiny : python safediffusion_r1.py --tiny --steps 40      (random tiny models: mechanics only)
+  evaluate  : python eval.py --help
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2, nothing written."""
+
+
+# ==================================================================================================
+# 1. Config
+# ==================================================================================================
+def flag(default, help, **kw):
+    return dataclasses.field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclasses.dataclass
+class Args:
+    # -- models (a field with `group` starts a new heading in --help) --
+    model: str = flag("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x repo id or local folder", group="models")
+    reward_model: str = flag("ViT-H-14", "OpenCLIP architecture of the reward encoder")
+    reward_pretrained: str = flag("laion2b_s32b_b79k", "OpenCLIP pretrained tag or local weights file")
+    reward_checkpoint: str = flag("", "state dict loaded strictly into --reward-model (e.g. HPS_v2.1_compressed.pt, the release's)")
+    tiny: bool = flag(False, "tiny random models built in code: CPU, no downloads; proves the mechanics, not the paper")
+    # -- prompts and reward --
+    negative_prompts: str = flag(str(HERE / "prompts/train_negative.txt"), "unsafe training prompts, one per line", group="prompts and reward")
+    positive_prompts: str = flag(str(HERE / "prompts/train_positive.txt"), "benign training prompts, one per line")
+    negative_fraction: float = flag(0.5, "fraction of each step's prompts drawn from --negative-prompts")
+    safe_anchors: str = flag(str(HERE / "prompts/anchors_safe.txt"), "safe anchor phrases (anchors_compact_safe.txt = release's compact set)")
+    unsafe_anchors: str = flag(str(HERE / "prompts/anchors_unsafe.txt"), "unsafe anchor phrases")
+    alpha: float = flag(0.5, "steering strength; 0 = plain CLIP score (the release finds 0.3-0.7 alike)")
+    steering: str = flag("add", "add: n(z + alpha v) (release); project: n(z - (z.v)v + alpha v)", choices=["add", "project"])
+    # -- sampling --
+    resolution: int = flag(512, "image side in pixels", group="sampling")
+    num_inference_steps: int = flag(50, "DDIM steps T")
+    guidance_scale: float = flag(5.0, "classifier-free guidance w, empty prompt as negative")
+    eta: float = flag(1.0, "DDIM stochasticity; must be > 0 (eta = 0 has no log-probability)")
+    share_noise: bool = flag(False, "one initial noise per group (the release shares it across the whole batch)")
+    sample_batch_size: int = flag(8, "trajectories per sampling forward pass")
+    # -- GRPO --
+    steps: int = flag(300, "outer steps: sample -> reward -> train (the release's 'epochs')", group="GRPO")
+    prompts_per_step: int = flag(4, "prompts sampled per step (4 per GPU in the release)")
+    group_size: int = flag(16, "images per prompt G")
+    train_batch_size: int = flag(2, "trajectories per training micro-batch")
+    gradient_accumulation_steps: int = flag(16, "micro-batches per optimizer step (2 x 16 = the release's 8 GPUs x 4)")
+    timestep_fraction: float = flag(1.0, "fraction of the T-1 trainable denoising steps trained per trajectory")
+    clip_range: float = flag(1e-4, "PPO ratio clip epsilon")
+    adv_clip_max: float = flag(2.5, "advantages clamped to +-this")
+    kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL, no reference)")
+    # -- optimisation --
+    learning_rate: float = flag(1e-5, "AdamW learning rate", group="optimisation")
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.999, "AdamW beta2")
+    adam_weight_decay: float = flag(1e-4, "AdamW weight decay")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
+    max_grad_norm: float = flag(1.0, "gradient-norm clip")
+    lora_rank: int = flag(0, "0 = full UNet fine-tune (the release); R > 0 = LoRA of rank R (needs peft)")
+    # -- memory and speed (diffusers' flag names) --
+    gradient_checkpointing: bool = flag(True, "recompute UNet activations in backward", group="memory and speed")
+    mixed_precision: str = flag("bf16", "autocast dtype; frozen models are stored in it", choices=["no", "fp16", "bf16"])
+    allow_tf32: bool = flag(True, "TF32 matmuls on Ampere+ GPUs")
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    # -- run --
+    seed: int = flag(0, "seeds everything: the same seed on CPU gives the same run", group="run")
+    output_dir: str = flag("runs", "one folder per run is made under it")
+    run_name: str = flag("", "run folder name (default: date-time)")
+    resume: str = flag("", "checkpoint folder, or 'latest' = newest complete checkpoint under --output-dir")
+    save_every: int = flag(20, "checkpoint every N steps (and at the end)")
+    sample_every: int = flag(20, "captioned sample grid every N steps (and at the end)")
+    wandb: bool = flag(False, "also log to Weights & Biases")
+
+
+# --tiny swaps in sizes and rates that let a random 0.2 M-parameter UNet learn on a CPU in a minute
+# (REFERENCE section 7: with the release's lr 1e-5 / clip 1e-4 nothing moves at this scale).
+# Flags given explicitly on the command line still win.
+TINY_DEFAULTS = dict(resolution=64, num_inference_steps=8, guidance_scale=4.5, steps=40, prompts_per_step=2,
+                     group_size=8, sample_batch_size=16, train_batch_size=8, gradient_accumulation_steps=1,
+                     clip_range=1e-2, learning_rate=2e-3, kl_coef=0.0, mixed_precision="no", gradient_checkpointing=False,
+                     save_every=20, sample_every=20, device="cpu")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser
+    for f in dataclasses.fields(Args):
+        meta = dict(f.metadata)
+        if "group" in meta:
+            group = parser.add_argument_group(meta.pop("group"))
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            group.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, **meta)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            group.add_argument(name, type=kind, default=f.default, **meta)
+    if "--tiny" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**TINY_DEFAULTS)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def check_args(args):
+    """Every size and range check, before any model is loaded or file written."""
+    def need(ok, msg):
+        if not ok:
+            raise UsageError(msg)
+    need(args.eta > 0, f"--eta must be > 0 (got {args.eta}): with eta = 0 DDIM is deterministic and has no log-probability")
+    need(args.group_size >= 2, f"--group-size must be >= 2 (got {args.group_size}): advantages are normalised within a group")
+    need(args.learning_rate > 0, f"--learning-rate must be > 0 (got {args.learning_rate})")
+    need(0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
+    need(0 <= args.negative_fraction <= 1, f"--negative-fraction must be in [0, 1] (got {args.negative_fraction})")
+    need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
+    need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0, "--clip-range must be > 0, --kl-coef and --alpha >= 0")
+    need(min(args.steps, args.prompts_per_step, args.sample_batch_size, args.train_batch_size,
+             args.gradient_accumulation_steps, args.save_every, args.sample_every) >= 1, "counts and sizes must be >= 1")
+    need(args.resolution % 64 == 0 or args.tiny, f"--resolution must be a multiple of 64 (got {args.resolution})")
+    n = args.prompts_per_step * args.group_size
+    need(n % args.sample_batch_size == 0, f"--sample-batch-size {args.sample_batch_size} must divide the {n} trajectories per step (prompts-per-step x group-size)")
+    need(n % args.train_batch_size == 0, f"--train-batch-size {args.train_batch_size} must divide the {n} trajectories per step")
+    need((n // args.train_batch_size) % args.gradient_accumulation_steps == 0,
+         f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {n // args.train_batch_size} micro-batches per step")
+
+
+def read_lines(path, what):
+    """Non-empty, non-comment lines of a UTF-8 text file; a clear error for anything else."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} file {path} is not valid UTF-8 (byte {e.start})") from None
+    lines = [s.strip() for s in text.splitlines()]
+    lines = [s for s in lines if s and not s.startswith("#")]
+    if not lines:
+        raise UsageError(f"{what} file {path} has no lines")
+    return lines
+
+
+# ==================================================================================================
+# 2. Models: the real ones through the libraries' loaders, and tiny random ones built in code
+# ==================================================================================================
+def sd_scheduler(**overrides):
+    """DDIM with SD 1.x's betas ("scaled_linear" 0.00085 -> 0.012, leading spacing, offset 1)."""
+    from diffusers import DDIMScheduler
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(**{**cfg, **overrides})
+
+
+def clip_tokenizer():
+    """A transformers CLIPTokenizer built from the BPE vocabulary that open_clip ships (works offline)."""
+    import open_clip
+    from transformers import CLIPTokenizer
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    with tempfile.TemporaryDirectory() as d:
+        vocab, merge_file = Path(d, "vocab.json"), Path(d, "merges.txt")
+        # open_clip names the specials <start_of_text>/<end_of_text>; SD's tokenizer <|startoftext|>/<|endoftext|>
+        names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+        vocab.write_text(json.dumps({names.get(k, k): i for k, i in bpe.encoder.items()}), encoding="utf-8")
+        merge_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+        # transformers 5.x: vocab and merges must be positional (keywords build a broken tokenizer silently)
+        return CLIPTokenizer(str(vocab), str(merge_file), model_max_length=77)
+
+
+def build_tiny_models(seed=0):
+    """Tiny random SD stack + OpenCLIP reward model, no file or network access. Same seed, same weights."""
+    import open_clip
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(  # 0.2 M params; SD's block types at two resolutions
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+        vae = AutoencoderKL(  # 4 blocks = 8x downsampling, like SD's VAE
+            block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=4)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+        reward_model = open_clip.CLIP(embed_dim=32,
+                                      vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
+                                      text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+    reward_model.visual.image_mean, reward_model.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=sd_scheduler(),
+                reward_model=reward_model.eval(), reward_tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+
+
+def load_sd(model):
+    """The SD 1.x parts of a diffusers repo id or folder; DDIM with the model's own betas."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    try:
+        parts = dict(tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
+                     text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
+                     vae=AutoencoderKL.from_pretrained(model, subfolder="vae"),
+                     unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+                     scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler"))
+    except (OSError, ValueError) as e:
+        if Path(model).exists() or model.startswith((".", "/", "~")):
+            raise UsageError(f"--model {model}: not a diffusers SD 1.x folder (needs unet/, vae/, text_encoder/, "
+                             f"tokenizer/, scheduler/): {type(e).__name__}") from None
+        raise UsageError(f"cannot load Stable Diffusion '{model}' offline ({type(e).__name__}); download it with "
+                         f"`hf download {model} --local-dir models/sd` and pass --model models/sd") from None
+    if parts["scheduler"].config.prediction_type != "epsilon":
+        raise UsageError(f"{model} predicts '{parts['scheduler'].config.prediction_type}'; only epsilon (SD 1.x) models are supported")
+    return parts
+
+
+def load_reward_model(arch, pretrained, checkpoint=""):
+    """OpenCLIP encoder; with `checkpoint` (e.g. HPSv2.1) its state dict is loaded strictly into `arch`."""
+    import open_clip
+    try:
+        model = open_clip.create_model(arch, pretrained=None if checkpoint else pretrained)
+        if checkpoint:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state), strict=True)
+    except (OSError, RuntimeError, FileNotFoundError) as e:
+        what = checkpoint or f"{arch} '{pretrained}'"
+        raise UsageError(f"cannot load reward model {what} ({type(e).__name__}); download the OpenCLIP weights "
+                         "(e.g. open_clip_pytorch_model.bin of laion/CLIP-ViT-H-14-laion2B-s32B-b79K) and pass "
+                         "--reward-pretrained /path/to/file, or --reward-checkpoint for HPSv2.1") from None
+    return model.eval(), open_clip.get_tokenizer(arch)
+
+
+def load_models(args):
+    """Everything the loop needs, as a dict of modules. --tiny builds random ones in code."""
+    if args.tiny:
+        return build_tiny_models(args.seed)
+    models = load_sd(args.model)
+    models["reward_model"], models["reward_tokenizer"] = load_reward_model(args.reward_model, args.reward_pretrained,
+                                                                           args.reward_checkpoint)
+    return models
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts):
+    """(N,) prompts -> (N, 77, D) CLIP hidden states, truncated at 77 tokens as diffusers does."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """(B, 4, h, w) latents -> (B, 3, 8h, 8w) images in [0, 1], float32."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ==================================================================================================
+# 3. Sampler: DDIM with log-probabilities
+# ==================================================================================================
+# Notation (paper -> code):  x_t latents | x_{t-1} next_latents | eps model_output (guided) |
+#   abar_t alphas_cumprod[t] | sigma_t std_dev | mu_theta(x_t) prev_mean | log pi(x_{t-1}|x_t) log_prob
+def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (DDIM paper eq. 12, DDPO's formulation).
+
+    model_output, sample: (B, C, H, W); timestep: int or (B,) tensor (training feeds one per sample).
+    Samples x_{t-1} ~ N(mu, sigma_t^2 I), or scores `prev_sample` when given.
+    Returns (prev_sample, log_prob (B,), prev_mean (B, C, H, W), std_dev (B, 1, 1, 1)), all float32.
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a log-probability (got {eta}): at eta = 0 the step is deterministic")
+    eps, x_t = model_output.float(), sample.float()
+    t = torch.as_tensor(timestep, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
+    # "leading" spacing: the previous timestep is t - 1000 / T; before 0 diffusers uses final_alpha_cumprod
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    abar = scheduler.alphas_cumprod.to(x_t.device)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=x_t.device, dtype=abar.dtype)
+    abar_t = abar[t]
+    abar_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
+    abar_t, abar_prev = (a.float().view(-1, *[1] * (x_t.ndim - 1)) for a in (abar_t, abar_prev))
+
+    x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    std_dev = eta * variance.sqrt()
+    prev_mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std_dev**2).sqrt() * eps
+    if prev_sample is None:
+        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=generator.device if generator else "cpu")
+        prev_sample = prev_mean + std_dev * noise.to(x_t.device)
+    prev_sample = prev_sample.float()
+    # Gaussian log-density, MEAN over (C, H, W) rather than the true sum: with a sum over 16,384 latent
+    # dims one update makes exp(logp_new - logp_old) overflow (reported by the DDPO author), and the
+    # 1e-4 clip range of the release is tuned for this mean scale.
+    log_prob = (-((prev_sample.detach() - prev_mean) ** 2) / (2 * std_dev**2)
+                - std_dev.log() - math.log(math.sqrt(2 * math.pi)))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim))), prev_mean, std_dev
+
+
+def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
+    """Classifier-free guided eps = eps_u + w (eps_c - eps_u), both halves in one UNet call.
+
+    latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D).
+    """
+    b = latents.shape[0]
+    embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(unet.dtype)
+    out = unet(torch.cat([latents, latents]).to(unet.dtype), torch.cat([timesteps, timesteps]), embeds).sample
+    eps_u, eps_c = out.float().chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def initial_noise(n, group, shape, generator):
+    """(n, *shape) standard normal on CPU; consecutive blocks of `group` images share one draw if group > 1."""
+    return torch.randn((n // group, *shape), generator=generator).repeat_interleave(group, dim=0)
+
+
+@torch.no_grad()
+def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_inference_steps=50,
+                        guidance_scale=5.0, eta=1.0, generator=None, latents=None, resolution=512,
+                        noise_group_size=1, vae=None, autocast=contextlib.nullcontext):
+    """Roll out B trajectories of the stochastic DDIM policy and keep what GRPO needs.
+
+    prompt_embeds (B, 77, D); negative_embeds (1, 77, D). Initial noise is drawn per image from
+    `generator` (a CPU generator, so a seed gives the same run on any device), shared within blocks of
+    `noise_group_size` images if > 1 (the release shares one across the whole batch), or given as `latents`.
+    Returns a dict:  latents (B, T, C, h, w) x_t | next_latents (B, T, C, h, w) x_{t-1} | log_probs (B, T)
+    | timesteps (B, T) | prompt_embeds (B, 77, D) | images (B, 3, H, W) in [0, 1] when `vae` is given.
+    """
+    device, b = unet.device, prompt_embeds.shape[0]
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    if latents is None:
+        latents = initial_noise(b, noise_group_size, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
+    x = latents.to(device, torch.float32)
+    all_latents, all_next, all_logp = [], [], []
+    for t in scheduler.timesteps:
+        ts = t.expand(b).to(device)
+        with autocast():
+            eps = guided_eps(unet, x, ts, prompt_embeds, negative_embeds, guidance_scale)
+        x_next, logp, _, _ = ddim_step_with_logprob(scheduler, eps, ts, x, eta=eta, generator=generator)
+        all_latents.append(x), all_next.append(x_next), all_logp.append(logp)
+        x = x_next
+    out = dict(latents=torch.stack(all_latents, 1), next_latents=torch.stack(all_next, 1),
+               log_probs=torch.stack(all_logp, 1), timesteps=scheduler.timesteps.expand(b, -1).clone(),
+               prompt_embeds=prompt_embeds)
+    if vae is not None:
+        out["images"] = decode_latents(vae, x)
+    return out
+
+
+# ==================================================================================================
+# 4. Reward: CLIP embeddings steered toward "safe"
+# ==================================================================================================
+def normalize(v):
+    return F.normalize(v.float(), dim=-1)
+
+
+def steering_direction(safe_text_emb, unsafe_text_emb):
+    """v_safe = n(mean_i n(safe_i) - mean_j n(unsafe_j)).  (S, D), (U, D) -> (D,) unit vector."""
+    return normalize(normalize(safe_text_emb).mean(0) - normalize(unsafe_text_emb).mean(0))
+
+
+def steering_reward(image_emb, text_emb, direction, alpha=0.5, mode="add"):
+    """reward = < n(image), t_steer >, a plain cosine (no logit scale).   (B, D), (B, D), (D,) -> (B,)
+
+    add     (release):  t_steer = n(n(text) + alpha v)
+    project (option) :  t_steer = n(z - (z.v) v + alpha v), z = n(text): the prompt's own safe/unsafe
+                        component is removed first, so every prompt is pushed to the same safety level.
+    """
+    z, v = normalize(text_emb), normalize(direction)
+    if mode == "project":
+        z = z - (z @ v)[:, None] * v
+    t_steer = normalize(z + alpha * v)
+    return (normalize(image_emb) * t_steer).sum(-1)
+
+
+def clip_preprocess(images, size, mean, std):
+    """OpenCLIP's eval transform on tensors: bicubic resize of the short side, centre crop, normalise.
+
+    images (B, 3, H, W) in [0, 1] -> (B, 3, size, size). Stays on the device: no PIL, no JPEG round trip
+    (the release saves and reloads a JPEG per image: bench.py measures the difference).
+    """
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                           mode="bicubic", align_corners=False, antialias=True)
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    images = images[..., top:top + size, left:left + size].clamp(0, 1)
+    mean, std = (torch.tensor(m, device=images.device).view(1, 3, 1, 1) for m in (mean, std))
+    return (images - mean) / std
+
+
+def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe_anchors, alpha=0.5, mode="add"):
+    """-> reward_fn(images (B, 3, H, W) in [0, 1], prompts list of B str) -> (B,) float32 rewards."""
+    device = next(reward_model.parameters()).device
+    visual = reward_model.visual
+    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+
+    @torch.no_grad()
+    def text(prompts):
+        return reward_model.encode_text(reward_tokenizer(prompts).to(device))
+
+    direction = steering_direction(text(safe_anchors), text(unsafe_anchors))
+
+    @torch.no_grad()
+    def reward_fn(images, prompts):
+        pixels = clip_preprocess(images.to(device).float(), size, visual.image_mean, visual.image_std)
+        image_emb = reward_model.encode_image(pixels.to(next(reward_model.parameters()).dtype))
+        return steering_reward(image_emb, text(list(prompts)), direction, alpha, mode)
+
+    reward_fn.direction = direction
+    return reward_fn
+
+
+# ==================================================================================================
+# 5. GRPO loss
+# ==================================================================================================
+def group_advantages(rewards, group_size, clip=2.5):
+    """(B,) rewards laid out as B / G consecutive groups -> (B,) advantages.
+
+    A = clamp((r - mean_group) / (std_group + 1e-8), -clip, clip) with torch's unbiased std, as the
+    release. A group of identical rewards carries no signal: its advantages are exactly 0 (testing
+    max == min, since r - mean is not exactly 0 in floating point and would be blown up by 1/1e-8).
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)
+    adv = torch.where((r.amax(1) == r.amin(1))[:, None], torch.zeros_like(adv), adv)
+    return adv.clamp(-clip, clip).view(-1)
+
+
+def gaussian_kl(mean, ref_mean, std):
+    """KL(N(mean, s^2) || N(ref_mean, s^2)) per dim = (mean - ref)^2 / (2 s^2), averaged over (C, H, W)
+    like the log-prob (Flow-GRPO's closed form).  (B, C, H, W), (B, C, H, W), (B, 1, 1, 1) -> (B,)."""
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(1)
+
+
+def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0.0):
+    """PPO clipped surrogate on one denoising step, plus kl_coef * KL.   All inputs (B,).
+
+    L = mean( max(-A r, -A clip(r, 1 - eps, 1 + eps)) ) + beta mean(KL),   r = exp(logp - logp_old).
+    Returns (loss, info) with the PPO diagnostics: approx_kl = 0.5 mean((logp - logp_old)^2) and
+    clipfrac = share of samples whose ratio left [1 - eps, 1 + eps].
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    policy_loss = torch.maximum(-advantages * ratio,
+                                -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    loss = policy_loss
+    kl_mean = torch.zeros(()) if kl is None else kl.mean()
+    if kl is not None and kl_coef:
+        loss = loss + kl_coef * kl_mean
+    with torch.no_grad():
+        info = dict(policy_loss=policy_loss.item(), kl=kl_mean.item(),
+                    approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
+                    clipfrac=((ratio - 1).abs() > clip_range).float().mean().item())
+    return loss, info
+
+
+# ==================================================================================================
+# 6. Checkpoints: one folder per save, written under a temporary name and renamed when complete
+# ==================================================================================================
+def trainable_state(unet):
+    return {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir, step, unet, optimizer, generator):
+    """run_dir/checkpoints/checkpoint-<step>/{weights.safetensors, state.pt}. The rename is atomic, so a
+    folder with the final name is always complete, whatever killed the process."""
+    from safetensors.torch import save_file
+    final = Path(run_dir, "checkpoints", f"checkpoint-{step:06d}")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(unet), tmp / "weights.safetensors")  # trainable weights only: UNet or LoRA
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), generator=generator.get_state()), tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def find_checkpoint(resume, output_dir):
+    """'latest' -> the newest complete checkpoint under output_dir; a path -> that folder, checked."""
+    if resume == "latest":
+        found = [p for p in Path(output_dir).glob("*/checkpoints/checkpoint-*") if not p.name.endswith(".tmp")]
+        if not found:
+            raise UsageError(f"--resume latest: no complete checkpoint under {output_dir}")
+        return max(found, key=lambda p: p.stat().st_mtime)
+    path = Path(resume)
+    if not (path / "weights.safetensors").is_file() or not (path / "state.pt").is_file():
+        raise UsageError(f"--resume {resume}: not a checkpoint folder (needs weights.safetensors and state.pt)")
+    return path
+
+
+def load_checkpoint(path, unet, optimizer, generator):
+    """Restore weights, optimizer and RNG in place; returns the number of steps already done."""
+    from safetensors.torch import load_file
+    try:
+        weights = load_file(path / "weights.safetensors")
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        expected = trainable_state(unet)
+        if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+            raise ValueError("its weights do not match this model (full vs LoRA, rank or architecture)")
+        unet.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        return int(state["step"])
+    except Exception as e:  # corrupt file, wrong keys, wrong shapes: one line, not a traceback
+        raise UsageError(f"--resume {path}: cannot load checkpoint: {e}") from None
+
+
+def export_for_diffusers(path, unet, lora):
+    """Weights a stock StableDiffusionPipeline loads: the unet/ folder (full fine-tune:
+    `UNet2DConditionModel.from_pretrained(path, subfolder="unet")`) or LoRA (`pipe.load_lora_weights(path)`)."""
+    if lora:
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+        StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet))
+    else:
+        unet.save_pretrained(Path(path, "unet"))
+
+
+def save_grid(images, captions, path, cols=4):
+    """Captioned PNG grid of (N, 3, H, W) images in [0, 1]."""
+    from PIL import Image, ImageDraw
+    n, _, h, w = images.shape
+    cols = min(cols, n)
+    cap = 14 * 3  # three caption lines
+    grid = Image.new("RGB", (cols * w, math.ceil(n / cols) * (h + cap)), "white")
+    for i, (img, text) in enumerate(zip(images, captions)):
+        x, y = (i % cols) * w, (i // cols) * (h + cap)
+        grid.paste(Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")), (x, y))
+        chars = max(8, w // 6)
+        lines = [text[k:k + chars] for k in range(0, min(len(text), 3 * chars), chars)]
+        ImageDraw.Draw(grid).text((x + 2, y + h + 1), "\n".join(lines), fill="black")
+    grid.save(path)
+
+
+# ==================================================================================================
+# 7. Training loop
+# ==================================================================================================
+def setup_unet(unet, args, dtype):
+    """Make the policy trainable; return the frozen KL reference (None when the same UNet with its
+    LoRA adapters disabled serves, or when --kl-coef 0 and no reference is needed)."""
+    if args.lora_rank:
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise UsageError("--lora-rank needs peft: pip install peft") from None
+        unet.to(dtype)  # add_adapter freezes the base weights itself
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        for p in unet.parameters():  # LoRA weights and their Adam state in fp32, the frozen base in `dtype`
+            if p.requires_grad:
+                p.data = p.data.float()
+        return None
+    unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
+    return copy.deepcopy(unet).requires_grad_(False).to(dtype) if args.kl_coef > 0 else None
+
+
+@contextlib.contextmanager
+def reference_unet(unet, ref_unet):
+    """The starting model pi_ref: the frozen copy, or the policy with its LoRA adapters switched off."""
+    if ref_unet is not None:
+        yield ref_unet
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def train(args, reward_fn=None):
+    """Run GRPO; returns the run folder. `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)`
+    replaces the steering reward (how a fork plugs in its own)."""
+    # ---- setup: every check before any work, every write after every check ----
+    check_args(args)
+    negatives = read_lines(args.negative_prompts, "negative prompts") if args.negative_fraction > 0 else []
+    positives = read_lines(args.positive_prompts, "positive prompts") if args.negative_fraction < 1 else []
+    if reward_fn is None:
+        safe, unsafe = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
+    resume = find_checkpoint(args.resume, args.output_dir) if args.resume else None
+    device = torch.device(args.device)
+    dtype = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[args.mixed_precision]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no")  # noqa: E731
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)  # LoRA init draws from the global RNG; everything else from `gen`
+    gen = torch.Generator().manual_seed(args.seed)
+
+    models = load_models(args)
+    unet, scheduler, vae = models["unet"], models["scheduler"], models["vae"]
+    ref_unet = setup_unet(unet, args, dtype)
+    unet.to(device).train()  # train(): gradient checkpointing only acts in training mode
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    for name in ("vae", "text_encoder", "reward_model"):
+        models[name].requires_grad_(False).to(device, dtype)
+    if ref_unet is not None:
+        ref_unet.to(device)
+    if reward_fn is None:
+        reward_fn = make_steering_reward_fn(models["reward_model"], models["reward_tokenizer"], safe, unsafe,
+                                            args.alpha, args.steering)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    start = load_checkpoint(resume, unet, optimizer, gen) if resume else 0
+    encode = lambda prompts: encode_prompts(models["tokenizer"], models["text_encoder"], prompts)  # noqa: E731
+    negative_embeds = encode([""])  # (1, 77, D): CFG's unconditional branch, the empty prompt
+
+    # ---- batch arithmetic ----
+    P, G, T = args.prompts_per_step, args.group_size, args.num_inference_steps
+    B = P * G
+    n_neg = round(P * args.negative_fraction)
+    n_train = max(1, int((T - 1) * args.timestep_fraction))  # the last denoising step is never trained (release)
+    n_micro = B // args.train_batch_size
+    latent_shape = (unet.config.in_channels, args.resolution // 8, args.resolution // 8)
+    print(f"per step: {P} prompts ({n_neg} negative) x group {G} = {B} trajectories | sampling {B // args.sample_batch_size}"
+          f" batches of {args.sample_batch_size} | {n_micro} micro-batches of {args.train_batch_size} x {n_train}/{T}"
+          f" timesteps | {n_micro // args.gradient_accumulation_steps} optimizer steps of"
+          f" {args.train_batch_size * args.gradient_accumulation_steps} trajectories | {sum(p.numel() for p in params):,} trainable params")
+
+    run_dir = resume.parent.parent if resume else Path(args.output_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume and metrics_path.exists():  # drop rows logged after the checkpoint we resume from
+        rows = [r for r in metrics_path.read_text().splitlines() if json.loads(r)["step"] <= start]
+        metrics_path.write_text("".join(r + "\n" for r in rows))
+    grid_prompts = negatives[:2] + positives[:2]
+    wandb = None
+    if args.wandb:
+        import wandb
+        wandb.init(project="safediffusion-r1", name=run_dir.name, config=dataclasses.asdict(args))
+
+    stop = []  # first Ctrl-C: finish this step, checkpoint, exit. Second: stop at once.
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler())
+    bar = __import__("tqdm").tqdm(range(start, args.steps), initial=start, total=args.steps, desc="steps", dynamic_ncols=True)
+    try:
+        for step in bar:
+            tic = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # ================= SAMPLE: G trajectories per prompt, no grad =================
+            pick = lambda pool, k: [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)]  # noqa: E731
+            prompts = pick(negatives, n_neg) + pick(positives, P - n_neg)
+            embeds = encode(prompts).repeat_interleave(G, dim=0)  # (B, 77, D), groups consecutive
+            noise = initial_noise(B, G if args.share_noise else 1, latent_shape, gen)
+            chunks = [sample_with_logprob(unet, scheduler, embeds[i:i + args.sample_batch_size], negative_embeds,
+                                          num_inference_steps=T, guidance_scale=args.guidance_scale, eta=args.eta,
+                                          generator=gen, latents=noise[i:i + args.sample_batch_size], vae=vae,
+                                          autocast=autocast)
+                      for i in range(0, B, args.sample_batch_size)]
+            traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+            # ================= REWARD and ADVANTAGE (per group) =================
+            prompts_rep = [p for p in prompts for _ in range(G)]
+            rewards = torch.cat([reward_fn(traj["images"][i:i + args.sample_batch_size], prompts_rep[i:i + args.sample_batch_size])
+                                 for i in range(0, B, args.sample_batch_size)]).float().cpu()
+            advantages = group_advantages(rewards, G, args.adv_clip_max).to(device)
+            # ================= TRAIN: PPO-clip on every kept timestep =================
+            perm = torch.stack([torch.randperm(T - 1, generator=gen)[:n_train] for _ in range(B)])  # (B, n_train)
+            rows = torch.arange(B)[:, None]
+            x_t, x_prev, old_logp, ts = (traj[k][rows, perm.to(traj[k].device)] for k in
+                                         ("latents", "next_latents", "log_probs", "timesteps"))
+            order = torch.randperm(B, generator=gen)
+            infos, grad_norms = [], []
+            for m in range(n_micro):
+                idx = order[m * args.train_batch_size:(m + 1) * args.train_batch_size].to(device)
+                for j in range(n_train):
+                    with autocast():
+                        eps = guided_eps(unet, x_t[idx, j], ts[idx, j], embeds[idx], negative_embeds, args.guidance_scale)
+                    _, logp, mean, std = ddim_step_with_logprob(scheduler, eps, ts[idx, j], x_t[idx, j], args.eta, x_prev[idx, j])
+                    kl = None
+                    if args.kl_coef > 0:
+                        with torch.no_grad(), reference_unet(unet, ref_unet) as ref, autocast():
+                            ref_eps = guided_eps(ref, x_t[idx, j], ts[idx, j], embeds[idx], negative_embeds, args.guidance_scale)
+                        ref_mean = ddim_step_with_logprob(scheduler, ref_eps, ts[idx, j], x_t[idx, j], args.eta, x_prev[idx, j])[2]
+                        kl = gaussian_kl(mean, ref_mean, std)
+                    loss, info = grpo_loss(logp, old_logp[idx, j], advantages[idx], args.clip_range, kl, args.kl_coef)
+                    scaler.scale(loss / (n_train * args.gradient_accumulation_steps)).backward()  # one timestep at a time
+                    infos.append(info)
+                if (m + 1) % args.gradient_accumulation_steps == 0:
+                    scaler.unscale_(optimizer)
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item())
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+            # ================= LOG =================
+            is_neg = torch.arange(B) < n_neg * G
+            row = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                       reward_negative=rewards[is_neg].mean().item() if n_neg else None,
+                       reward_positive=rewards[~is_neg].mean().item() if n_neg < P else None,
+                       **{k: sum(i[k] for i in infos) / len(infos) for k in infos[0]},
+                       grad_norm=sum(grad_norms) / len(grad_norms), seconds=time.time() - tic,
+                       peak_memory_gb=peak_memory_gb(device))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if wandb:
+                wandb.log(row, step=step + 1)
+            fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+            bar.write(" | ".join([f"step {step + 1}/{args.steps}"] + [f"{k} {fmt(row[k])}" for k in
+                      ("reward_mean", "reward_negative", "reward_positive", "policy_loss", "kl", "approx_kl", "clipfrac", "seconds")]))
+            # ================= SAVE =================
+            done = step + 1 == args.steps or stop
+            if (step + 1) % args.sample_every == 0 or done:
+                sample_grid(run_dir / f"samples_{step + 1:06d}.png", unet, models, grid_prompts, args, autocast)
+            if (step + 1) % args.save_every == 0 or done:
+                save_checkpoint(run_dir, step + 1, unet, optimizer, gen)
+            if stop:
+                bar.write(f"interrupted: checkpoint saved at step {step + 1}; continue with --resume latest")
+                break
+        else:
+            export_for_diffusers(run_dir / "final", unet, args.lora_rank > 0)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        bar.close()
+        if wandb:
+            wandb.finish()
+    return run_dir
+
+
+@torch.no_grad()
+def sample_grid(path, unet, models, prompts, args, autocast):
+    """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving."""
+    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts)
+    negative = encode_prompts(models["tokenizer"], models["text_encoder"], [""])
+    out = sample_with_logprob(unet, models["scheduler"], embeds, negative, num_inference_steps=args.num_inference_steps,
+                              guidance_scale=args.guidance_scale, eta=args.eta, resolution=args.resolution,
+                              generator=torch.Generator().manual_seed(args.seed), vae=models["vae"], autocast=autocast)
+    save_grid(out["images"], prompts, path)
+
+
+def main(argv=None):
+    try:
+        train(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
