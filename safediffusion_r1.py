@@ -34,6 +34,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -106,6 +107,7 @@ class Args:
     resume: str = flag("", "checkpoint folder, or 'latest' = newest complete checkpoint under --output-dir")
     save_every: int = flag(20, "checkpoint every N steps (and at the end)")
     sample_every: int = flag(20, "captioned sample grid every N steps (and at the end)")
+    max_nonfinite_steps: int = flag(3, "stop after this many steps in a row with a non-finite reward, loss or gradient")
     wandb: bool = flag(False, "also log to Weights & Biases")
 
 
@@ -150,7 +152,8 @@ def check_args(args):
     need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
     need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0, "--clip-range must be > 0, --kl-coef and --alpha >= 0")
     need(min(args.steps, args.prompts_per_step, args.sample_batch_size, args.train_batch_size,
-             args.gradient_accumulation_steps, args.save_every, args.sample_every) >= 1, "counts and sizes must be >= 1")
+             args.gradient_accumulation_steps, args.save_every, args.sample_every, args.max_nonfinite_steps) >= 1,
+         "counts and sizes must be >= 1")
     need(args.resolution % 64 == 0 or args.tiny, f"--resolution must be a multiple of 64 (got {args.resolution})")
     n = args.prompts_per_step * args.group_size
     need(n % args.sample_batch_size == 0, f"--sample-batch-size {args.sample_batch_size} must divide the {n} trajectories per step (prompts-per-step x group-size)")
@@ -494,16 +497,23 @@ def trainable_state(unet):
     return {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir, step, unet, optimizer, generator):
+def save_checkpoint(run_dir, step, unet, optimizer, generator, rank=0, world=1):
     """run_dir/checkpoints/checkpoint-<step>/{weights.safetensors, state.pt}. The rename is atomic, so a
-    folder with the final name is always complete, whatever killed the process."""
+    folder with the final name is always complete, whatever killed the process. Under torchrun every rank's
+    RNG state is gathered (each draws its own prompts) and rank 0 writes."""
     from safetensors.torch import save_file
+    states = [generator.get_state()]
+    if world > 1:
+        states = [None] * world
+        torch.distributed.all_gather_object(states, generator.get_state())
+    if rank > 0:
+        return None
     final = Path(run_dir, "checkpoints", f"checkpoint-{step:06d}")
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(unet), tmp / "weights.safetensors")  # trainable weights only: UNet or LoRA
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), generator=generator.get_state()), tmp / "state.pt")
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), generators=states), tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -522,7 +532,7 @@ def find_checkpoint(resume, output_dir):
     return path
 
 
-def load_checkpoint(path, unet, optimizer, generator):
+def load_checkpoint(path, unet, optimizer, generator, rank=0, world=1):
     """Restore weights, optimizer and RNG in place; returns the number of steps already done."""
     from safetensors.torch import load_file
     try:
@@ -533,7 +543,9 @@ def load_checkpoint(path, unet, optimizer, generator):
             raise ValueError("its weights do not match this model (full vs LoRA, rank or architecture)")
         unet.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        if len(state["generators"]) != world:
+            raise ValueError(f"it was written by {len(state['generators'])} process(es); resume with as many")
+        generator.set_state(state["generators"][rank])
         return int(state["step"])
     except Exception as e:  # corrupt file, wrong keys, wrong shapes: one line, not a traceback
         raise UsageError(f"--resume {path}: cannot load checkpoint: {e}") from None
@@ -607,6 +619,65 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def all_mean(x, world):
+    """Average a float tensor over the processes of a torchrun job (identity when world = 1)."""
+    if world > 1:
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages, negative_embeds, args, gen,
+                autocast, world=1):
+    """TRAIN phase: PPO-clip over every kept timestep of every trajectory in `traj` (dict of (B, T, ...)
+    tensors from sample_with_logprob, plus prompt_embeds (B, 77, D)); advantages (B,).
+
+    Each kept timestep of a micro-batch is its own forward and backward (memory of ONE UNet pass);
+    gradients accumulate over the micro-batch's timesteps and over --gradient-accumulation-steps
+    micro-batches, are averaged over torchrun processes, clipped, then one optimizer step. A non-finite
+    loss or gradient skips that optimizer step. Returns (per-timestep infos, grad norms, skipped steps).
+    """
+    params = [p for p in unet.parameters() if p.requires_grad]
+    B, T = traj["log_probs"].shape
+    n_train = max(1, int((T - 1) * args.timestep_fraction))  # the last denoising step is never trained (release)
+    perm = torch.stack([torch.randperm(T - 1, generator=gen)[:n_train] for _ in range(B)])  # (B, n_train), per sample
+    rows = torch.arange(B)[:, None]
+    x_t, x_prev, old_logp, ts = (traj[k][rows, perm.to(traj[k].device)] for k in ("latents", "next_latents", "log_probs", "timesteps"))
+    order = torch.randperm(B, generator=gen)  # mix prompts across micro-batches
+    embeds, device = traj["prompt_embeds"], x_t.device
+    infos, grad_norms, skipped = [], [], 0
+    for m in range(B // args.train_batch_size):
+        idx = order[m * args.train_batch_size:(m + 1) * args.train_batch_size].to(device)
+        for j in range(n_train):
+            x, t, x_next = x_t[idx, j], ts[idx, j], x_prev[idx, j]
+            with autocast():
+                eps = guided_eps(unet, x, t, embeds[idx], negative_embeds, args.guidance_scale)
+            _, logp, mean, std = ddim_step_with_logprob(scheduler, eps, t, x, args.eta, x_next)
+            kl = None
+            if args.kl_coef > 0:  # closed-form KL to pi_ref at the same x_t (same sigma_t): no sampling needed
+                with torch.no_grad(), reference_unet(unet, ref_unet) as ref, autocast():
+                    ref_eps = guided_eps(ref, x, t, embeds[idx], negative_embeds, args.guidance_scale)
+                kl = gaussian_kl(mean, ddim_step_with_logprob(scheduler, ref_eps, t, x, args.eta, x_next)[2], std)
+            loss, info = grpo_loss(logp, old_logp[idx, j], advantages[idx], args.clip_range, kl, args.kl_coef)
+            scaler.scale(loss / (n_train * args.gradient_accumulation_steps)).backward()
+            infos.append(info)
+        if (m + 1) % args.gradient_accumulation_steps == 0:
+            for p in params if world > 1 else []:  # average over torchrun processes; each holds whole groups
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                all_mean(p.grad, world)
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if torch.isfinite(norm) or args.mixed_precision == "fp16":  # fp16: GradScaler skips and rescales itself
+                scaler.step(optimizer)
+                grad_norms.append(norm.item())
+            else:
+                skipped += 1
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+    return infos, grad_norms, skipped
+
+
 def train(args, reward_fn=None):
     """Run GRPO; returns the run folder. `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)`
     replaces the steering reward (how a fork plugs in its own)."""
@@ -617,13 +688,20 @@ def train(args, reward_fn=None):
     if reward_fn is None:
         safe, unsafe = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
     resume = find_checkpoint(args.resume, args.output_dir) if args.resume else None
+    # torchrun sets these; a plain `python` run has world = 1 and never touches torch.distributed
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     dtype = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[args.mixed_precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no")  # noqa: E731
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)  # LoRA init draws from the global RNG; everything else from `gen`
-    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
+    gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
 
     models = load_models(args)
     unet, scheduler, vae = models["unet"], models["scheduler"], models["vae"]
@@ -632,7 +710,9 @@ def train(args, reward_fn=None):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     for name in ("vae", "text_encoder", "reward_model"):
-        models[name].requires_grad_(False).to(device, dtype)
+        models[name].requires_grad_(False).to(device)
+        if dtype != torch.float32:  # frozen models are only ever run, so store them in the autocast dtype
+            models[name].to(dtype)
     if ref_unet is not None:
         ref_unet.to(device)
     if reward_fn is None:
@@ -642,118 +722,127 @@ def train(args, reward_fn=None):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    start = load_checkpoint(resume, unet, optimizer, gen) if resume else 0
-    encode = lambda prompts: encode_prompts(models["tokenizer"], models["text_encoder"], prompts)  # noqa: E731
+    start = load_checkpoint(resume, unet, optimizer, gen, rank, world) if resume else 0
+    tokenizer = models["tokenizer"]
+    encode = lambda prompts: encode_prompts(tokenizer, models["text_encoder"], prompts)  # noqa: E731
     negative_embeds = encode([""])  # (1, 77, D): CFG's unconditional branch, the empty prompt
 
-    # ---- batch arithmetic ----
-    P, G, T = args.prompts_per_step, args.group_size, args.num_inference_steps
+    # ---- batch arithmetic (per process; torchrun multiplies trajectories and the optimizer batch by world) ----
+    P, G, T, S = args.prompts_per_step, args.group_size, args.num_inference_steps, args.sample_batch_size
     B = P * G
     n_neg = round(P * args.negative_fraction)
-    n_train = max(1, int((T - 1) * args.timestep_fraction))  # the last denoising step is never trained (release)
     n_micro = B // args.train_batch_size
     latent_shape = (unet.config.in_channels, args.resolution // 8, args.resolution // 8)
-    print(f"per step: {P} prompts ({n_neg} negative) x group {G} = {B} trajectories | sampling {B // args.sample_batch_size}"
-          f" batches of {args.sample_batch_size} | {n_micro} micro-batches of {args.train_batch_size} x {n_train}/{T}"
-          f" timesteps | {n_micro // args.gradient_accumulation_steps} optimizer steps of"
-          f" {args.train_batch_size * args.gradient_accumulation_steps} trajectories | {sum(p.numel() for p in params):,} trainable params")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"per step{f' and process (x{world})' if world > 1 else ''}: {P} prompts ({n_neg} negative) x group {G} = {B} "
+        f"trajectories | sampling {B // S} batches of {S} | {n_micro} micro-batches of {args.train_batch_size} x "
+        f"{max(1, int((T - 1) * args.timestep_fraction))}/{T} timesteps | {n_micro // args.gradient_accumulation_steps} "
+        f"optimizer steps of {args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
+        f"{sum(p.numel() for p in params):,} trainable params")
 
     run_dir = resume.parent.parent if resume else Path(args.output_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     metrics_path = run_dir / "metrics.jsonl"
-    if resume and metrics_path.exists():  # drop rows logged after the checkpoint we resume from
-        rows = [r for r in metrics_path.read_text().splitlines() if json.loads(r)["step"] <= start]
-        metrics_path.write_text("".join(r + "\n" for r in rows))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        if resume and metrics_path.exists():  # drop rows logged after the checkpoint we resume from
+            rows = [r for r in metrics_path.read_text().splitlines() if json.loads(r)["step"] <= start]
+            metrics_path.write_text("".join(r + "\n" for r in rows))
     grid_prompts = negatives[:2] + positives[:2]
     wandb = None
-    if args.wandb:
+    if args.wandb and rank == 0:
         import wandb
         wandb.init(project="safediffusion-r1", name=run_dir.name, config=dataclasses.asdict(args))
 
-    stop = []  # first Ctrl-C: finish this step, checkpoint, exit. Second: stop at once.
+    stop, bad_steps, warned = [], 0, False  # first Ctrl-C: finish this step, checkpoint, exit. Second: stop at once.
     old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler())
-    bar = __import__("tqdm").tqdm(range(start, args.steps), initial=start, total=args.steps, desc="steps", dynamic_ncols=True)
+    bar = __import__("tqdm").tqdm(range(start, args.steps), initial=start, total=args.steps, desc="steps",
+                                  dynamic_ncols=True, disable=rank > 0)
+
+    def clock():  # phase boundaries; CUDA work is asynchronous, so wait for it first
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        return time.time()
     try:
         for step in bar:
-            tic = time.time()
+            marks = [clock()]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             # ================= SAMPLE: G trajectories per prompt, no grad =================
             pick = lambda pool, k: [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)]  # noqa: E731
             prompts = pick(negatives, n_neg) + pick(positives, P - n_neg)
+            if not warned and any(len(ids) > tokenizer.model_max_length for ids in tokenizer(prompts).input_ids):
+                warned = True  # once per run, as diffusers does
+                warnings.warn(f"prompts longer than {tokenizer.model_max_length} tokens are truncated")
             embeds = encode(prompts).repeat_interleave(G, dim=0)  # (B, 77, D), groups consecutive
             noise = initial_noise(B, G if args.share_noise else 1, latent_shape, gen)
-            chunks = [sample_with_logprob(unet, scheduler, embeds[i:i + args.sample_batch_size], negative_embeds,
-                                          num_inference_steps=T, guidance_scale=args.guidance_scale, eta=args.eta,
-                                          generator=gen, latents=noise[i:i + args.sample_batch_size], vae=vae,
-                                          autocast=autocast)
-                      for i in range(0, B, args.sample_batch_size)]
+            chunks = [sample_with_logprob(unet, scheduler, embeds[i:i + S], negative_embeds, num_inference_steps=T,
+                                          guidance_scale=args.guidance_scale, eta=args.eta, generator=gen,
+                                          latents=noise[i:i + S], autocast=autocast) for i in range(0, B, S)]
             traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+            marks.append(clock())
+            images = torch.cat([decode_latents(vae, traj["next_latents"][i:i + S, -1]) for i in range(0, B, S)])
+            marks.append(clock())
             # ================= REWARD and ADVANTAGE (per group) =================
             prompts_rep = [p for p in prompts for _ in range(G)]
-            rewards = torch.cat([reward_fn(traj["images"][i:i + args.sample_batch_size], prompts_rep[i:i + args.sample_batch_size])
-                                 for i in range(0, B, args.sample_batch_size)]).float().cpu()
+            rewards = torch.cat([reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)]).float().cpu()
             advantages = group_advantages(rewards, G, args.adv_clip_max).to(device)
-            # ================= TRAIN: PPO-clip on every kept timestep =================
-            perm = torch.stack([torch.randperm(T - 1, generator=gen)[:n_train] for _ in range(B)])  # (B, n_train)
-            rows = torch.arange(B)[:, None]
-            x_t, x_prev, old_logp, ts = (traj[k][rows, perm.to(traj[k].device)] for k in
-                                         ("latents", "next_latents", "log_probs", "timesteps"))
-            order = torch.randperm(B, generator=gen)
-            infos, grad_norms = [], []
-            for m in range(n_micro):
-                idx = order[m * args.train_batch_size:(m + 1) * args.train_batch_size].to(device)
-                for j in range(n_train):
-                    with autocast():
-                        eps = guided_eps(unet, x_t[idx, j], ts[idx, j], embeds[idx], negative_embeds, args.guidance_scale)
-                    _, logp, mean, std = ddim_step_with_logprob(scheduler, eps, ts[idx, j], x_t[idx, j], args.eta, x_prev[idx, j])
-                    kl = None
-                    if args.kl_coef > 0:
-                        with torch.no_grad(), reference_unet(unet, ref_unet) as ref, autocast():
-                            ref_eps = guided_eps(ref, x_t[idx, j], ts[idx, j], embeds[idx], negative_embeds, args.guidance_scale)
-                        ref_mean = ddim_step_with_logprob(scheduler, ref_eps, ts[idx, j], x_t[idx, j], args.eta, x_prev[idx, j])[2]
-                        kl = gaussian_kl(mean, ref_mean, std)
-                    loss, info = grpo_loss(logp, old_logp[idx, j], advantages[idx], args.clip_range, kl, args.kl_coef)
-                    scaler.scale(loss / (n_train * args.gradient_accumulation_steps)).backward()  # one timestep at a time
-                    infos.append(info)
-                if (m + 1) % args.gradient_accumulation_steps == 0:
-                    scaler.unscale_(optimizer)
-                    grad_norms.append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item())
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+            marks.append(clock())
+            # ================= TRAIN =================
+            infos, grad_norms, skipped = [], [], 0
+            if torch.isfinite(rewards).all():
+                infos, grad_norms, skipped = grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages,
+                                                         negative_embeds, args, gen, autocast, world)
+            bad_steps = 0 if infos and not skipped else bad_steps + 1
+            marks.append(clock())
             # ================= LOG =================
-            is_neg = torch.arange(B) < n_neg * G
-            row = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                       reward_negative=rewards[is_neg].mean().item() if n_neg else None,
-                       reward_positive=rewards[~is_neg].mean().item() if n_neg < P else None,
-                       **{k: sum(i[k] for i in infos) / len(infos) for k in infos[0]},
-                       grad_norm=sum(grad_norms) / len(grad_norms), seconds=time.time() - tic,
+            everyone = [rewards.clone() for _ in range(world)]  # every process's rewards, for the log
+            if world > 1:
+                torch.distributed.all_gather(everyone, rewards)
+            everyone, is_neg = torch.cat(everyone), (torch.arange(B) < n_neg * G).repeat(world)
+            stats = {k: sum(i[k] for i in infos) / len(infos) if infos else float("nan") for k in
+                     ("policy_loss", "kl", "approx_kl", "clipfrac")}
+            stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+            stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), dtype=torch.float64), world).tolist()))
+            row = dict(step=step + 1, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
+                       reward_negative=everyone[is_neg].mean().item() if n_neg else None,
+                       reward_positive=everyone[~is_neg].mean().item() if n_neg < P else None, **stats,
+                       skipped_updates=skipped + (0 if infos else n_micro // args.gradient_accumulation_steps),
                        peak_memory_gb=peak_memory_gb(device))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if wandb:
-                wandb.log(row, step=step + 1)
-            fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-            bar.write(" | ".join([f"step {step + 1}/{args.steps}"] + [f"{k} {fmt(row[k])}" for k in
-                      ("reward_mean", "reward_negative", "reward_positive", "policy_loss", "kl", "approx_kl", "clipfrac", "seconds")]))
             # ================= SAVE =================
             done = step + 1 == args.steps or stop
-            if (step + 1) % args.sample_every == 0 or done:
+            if rank == 0 and ((step + 1) % args.sample_every == 0 or done):
                 sample_grid(run_dir / f"samples_{step + 1:06d}.png", unet, models, grid_prompts, args, autocast)
             if (step + 1) % args.save_every == 0 or done:
-                save_checkpoint(run_dir, step + 1, unet, optimizer, gen)
+                save_checkpoint(run_dir, step + 1, unet, optimizer, gen, rank, world)
+            marks.append(clock())
+            row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
+                       zip(("sample", "decode", "reward", "train", "save"), marks, marks[1:])})
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if wandb:
+                    wandb.log(row, step=step + 1)
+                fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+                bar.write(" | ".join([f"step {step + 1}/{args.steps}"] + [f"{k} {fmt(row[k])}" for k in (
+                    "reward_mean", "reward_negative", "reward_positive", "policy_loss", "kl", "approx_kl", "clipfrac", "seconds")]))
+            if bad_steps:
+                say(f"step {step + 1}: non-finite reward, loss or gradient; update skipped ({bad_steps} in a row)")
+            if bad_steps >= args.max_nonfinite_steps:
+                raise RuntimeError(f"{bad_steps} steps in a row had a non-finite reward, loss or gradient; stopping. The last "
+                                   f"good checkpoint is intact: lower --learning-rate or check the reward, then --resume latest")
             if stop:
-                bar.write(f"interrupted: checkpoint saved at step {step + 1}; continue with --resume latest")
+                say(f"interrupted: checkpoint saved at step {step + 1}; continue with --resume latest")
                 break
         else:
-            export_for_diffusers(run_dir / "final", unet, args.lora_rank > 0)
+            if rank == 0:
+                export_for_diffusers(run_dir / "final", unet, args.lora_rank > 0)
     finally:
         signal.signal(signal.SIGINT, old_handler)
         bar.close()
         if wandb:
             wandb.finish()
+        if world > 1:
+            torch.distributed.destroy_process_group()
     return run_dir
 
 
@@ -768,12 +857,25 @@ def sample_grid(path, unet, models, prompts, args, autocast):
     save_grid(out["images"], prompts, path)
 
 
+MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-accumulation-steps to keep the batch), "
+               "--sample-batch-size, or use --lora-rank 8, --kl-coef 0 (no reference copy), --gradient-checkpointing, "
+               "--mixed-precision bf16")
+
+
 def main(argv=None):
     try:
         train(parse_args(argv))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: {MEMORY_HINT}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:
+        if "non-finite" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
