@@ -788,25 +788,23 @@ def train(args, reward_fn=None):
             advantages = group_advantages(rewards, G, args.adv_clip_max).to(device)
             marks.append(clock())
             # ================= TRAIN =================
-            infos, grad_norms, skipped = [], [], 0
-            if torch.isfinite(rewards).all():
-                infos, grad_norms, skipped = grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages,
-                                                         negative_embeds, args, gen, autocast, world)
-            bad_steps = 0 if infos and not skipped else bad_steps + 1
+            # a non-finite reward makes every gradient non-finite, and grpo_update skips those optimizer steps
+            infos, grad_norms, skipped = grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages,
+                                                     negative_embeds, args, gen, autocast, world)
+            bad_steps = bad_steps + 1 if skipped else 0
             marks.append(clock())
             # ================= LOG =================
             everyone = [rewards.clone() for _ in range(world)]  # every process's rewards, for the log
             if world > 1:
                 torch.distributed.all_gather(everyone, rewards)
             everyone, is_neg = torch.cat(everyone), (torch.arange(B) < n_neg * G).repeat(world)
-            stats = {k: sum(i[k] for i in infos) / len(infos) if infos else float("nan") for k in
-                     ("policy_loss", "kl", "approx_kl", "clipfrac")}
+            stats = {k: sum(i[k] for i in infos) / len(infos) for k in ("policy_loss", "kl", "approx_kl", "clipfrac")}
             stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
             stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), dtype=torch.float64), world).tolist()))
             row = dict(step=step + 1, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
                        reward_negative=everyone[is_neg].mean().item() if n_neg else None,
                        reward_positive=everyone[~is_neg].mean().item() if n_neg < P else None, **stats,
-                       skipped_updates=skipped + (0 if infos else n_micro // args.gradient_accumulation_steps),
+                       skipped_updates=skipped,
                        peak_memory_gb=peak_memory_gb(device))
             # ================= SAVE =================
             done = step + 1 == args.steps or stop

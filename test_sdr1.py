@@ -538,3 +538,133 @@ def test_plot_draws_training_curves(tmp_path):
     ev.main(["--plot", str(tmp_path)])
     from PIL import Image
     assert Image.open(tmp_path / "curves.png").size == (1260, 260)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes (torchrun) and faults
+# ------------------------------------------------------------------------------------------------
+def fake_trajectories(B, T=4, seed=0):
+    """Trajectories sampled by the tiny model itself, so old log-probs are the policy's own."""
+    m = sd.build_tiny_models(seed=0)
+    g = torch.Generator().manual_seed(seed)
+    emb = sd.encode_prompts(m["tokenizer"], m["text_encoder"], [f"prompt {i}" for i in range(B)])
+    neg = sd.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+    traj = sd.sample_with_logprob(m["unet"], m["scheduler"], emb, neg, num_inference_steps=T, guidance_scale=4.5,
+                                  generator=g, resolution=64)
+    return traj, neg, torch.randn(B, generator=g).clamp(-2.5, 2.5)
+
+
+def one_update(traj, neg, adv, argv, world=1):
+    m = sd.build_tiny_models(seed=0)
+    args = sd.parse_args(["--tiny", "--num-inference-steps", "4"] + argv)
+    sd.setup_unet(m["unet"], args, torch.float32)
+    m["scheduler"].set_timesteps(4)
+    # SGD: the weights move by exactly lr x the averaged gradient (Adam's first step is ~lr x sign(g), which
+    # turns float-rounding differences of near-zero gradients into full-size steps)
+    opt = torch.optim.SGD([p for p in m["unet"].parameters() if p.requires_grad], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    sd.grpo_update(m["unet"], None, m["scheduler"], opt, scaler, traj, adv, neg, args, torch.Generator().manual_seed(1),
+                   contextlib.nullcontext, world)
+    return sd.trainable_state(m["unet"])
+
+
+def ddp_worker(rank, world, init_file, result_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    traj, neg, adv = fake_trajectories(8)
+    half = {k: v[rank * 4:(rank + 1) * 4] for k, v in traj.items()}
+    state = one_update(half, neg, adv[rank * 4:(rank + 1) * 4], ["--train-batch-size", "4", "--gradient-accumulation-steps", "1"], world)
+    if rank == 0:
+        torch.save(state, result_file)
+    torch.distributed.destroy_process_group()
+
+
+import contextlib  # noqa: E402
+
+
+def test_two_process_update_equals_the_single_process_update(tmp_path):
+    """4 trajectories on each of 2 gloo processes, gradients averaged == 8 trajectories in one process."""
+    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "state.pt")), nprocs=2)
+    traj, neg, adv = fake_trajectories(8)
+    single = one_update(traj, neg, adv, ["--train-batch-size", "4", "--gradient-accumulation-steps", "2"])
+    ddp = torch.load(tmp_path / "state.pt", weights_only=True)
+    fresh = sd.trainable_state(sd.build_tiny_models(seed=0)["unet"])
+    assert any(not torch.equal(single[k], fresh[k]) for k in single)  # the update did something
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6)
+
+
+def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path):
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                           str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "2", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    state = torch.load(run_dir / "checkpoints/checkpoint-000002/state.pt", weights_only=True)
+    assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])  # one RNG per rank
+    assert (run_dir / "final/unet/config.json").is_file()
+    assert proc.stdout.count("step 2/2 |") == 1  # only rank 0 logs
+
+
+def test_sigkill_mid_run_then_resume_latest_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+    argv = SMALL + ["--steps", "6", "--save-every", "1", "--output-dir", str(tmp_path / "killed")]
+    script = ("import sys, safediffusion_r1 as sd, torch\n"
+              "sd.train(sd.parse_args(sys.argv[1:]), reward_fn=lambda im, p: im.mean(dim=(1, 2, 3)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, *argv], cwd=HERE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("*/checkpoints/checkpoint-000003")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
+    assert "checkpoint-000006" not in done, "killed too late to test anything"
+    # a save cut short leaves only a .tmp folder, which `latest` must never pick
+    partial = run_dir / "checkpoints/checkpoint-000099.tmp"
+    partial.mkdir()
+    (partial / "weights.safetensors").write_bytes(b"garbage")
+    resumed = sd.train(sd.parse_args(argv + ["--resume", "latest"]), reward_fn=brightness)
+    straight = sd.train(sd.parse_args(SMALL + ["--steps", "6", "--output-dir", str(tmp_path / "straight")]), reward_fn=brightness)
+    a, b = trainable(resumed, 6), trainable(straight, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_reward_skips_updates_then_stops_with_the_last_checkpoint_intact(tmp_path, capsys):
+    calls = []
+
+    def flaky(images, prompts):  # fine for 2 steps, then NaN forever
+        calls.append(1)
+        return brightness(images, prompts) * (float("nan") if len(calls) > 2 else 1.0)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        sd.train(small_args(tmp_path, "--steps", "10", "--save-every", "2", "--max-nonfinite-steps", "3"), reward_fn=flaky)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["skipped_updates"] > 0
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-000002", "checkpoint-000004"]
+    w2, w4 = trainable(run_dir, 2), trainable(run_dir, 4)
+    assert all(torch.equal(w2[k], w4[k]) for k in w2)  # no NaN update reached the weights
+    assert all(torch.isfinite(v).all() for v in w4.values())
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path, capsys):
+    run_dir = sd.train(small_args(tmp_path, "--steps", "1", "--save-every", "1"), reward_fn=brightness)
+    ckpt = run_dir / "checkpoints/checkpoint-000001"
+    assert run_main(tmp_path / "x", *SMALL, "--lora-rank", "4", "--resume", str(ckpt)) == 2  # full vs LoRA
+    assert "do not match this model" in capsys.readouterr().err
+    (ckpt / "state.pt").write_bytes(b"not a checkpoint")
+    assert run_main(tmp_path / "y", *SMALL, "--resume", str(ckpt)) == 2
+    assert "cannot load checkpoint" in capsys.readouterr().err
+    assert run_main(tmp_path / "z", *SMALL, "--resume", str(tmp_path / "nowhere")) == 2
+
+
+def test_long_prompts_are_truncated_with_one_warning(tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(["word"] * 100) + "\n")
+    with pytest.warns(UserWarning, match="truncated") as record:
+        sd.train(small_args(tmp_path, "--steps", "2", "--negative-prompts", str(long)), reward_fn=brightness)
+    assert len([w for w in record if "truncated" in str(w.message)]) == 1
