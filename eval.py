@@ -65,9 +65,11 @@ def i2p_jobs(path, images_per_prompt=1, limit=0, category=""):
 
 def geneval_jobs(path, limit=0):
     """GenEval's layout: <out>/<00000>/metadata.jsonl and <out>/<00000>/samples/<0000>.png."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    jobs = [dict(prompt=(meta := json.loads(line))["prompt"], seed=42, guidance=9.0, scheduler="model", meta=meta,
-                 files=[f"{i:05d}/samples/{k:04d}.png" for k in range(4)]) for i, line in enumerate(lines)]
+    jobs = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        meta = json.loads(line)
+        jobs.append(dict(prompt=meta["prompt"], seed=42, guidance=9.0, scheduler="model", meta=meta,
+                         files=[f"{i:05d}/samples/{k:04d}.png" for k in range(4)]))
     return jobs[:limit] if limit else jobs
 
 
@@ -103,6 +105,7 @@ def build_pipeline(args):
         pipe.unet = UNet2DConditionModel.from_pretrained(folder)
     if args.lora:
         pipe.load_lora_weights(args.lora)
+    # fp16 on GPU as the protocols' scripts run SD; fp32 on CPU, where half precision is slow or missing
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     return pipe.to(args.device, dtype)
 
@@ -116,6 +119,8 @@ def generate(pipe, jobs, out, manifest, resolution, steps=50):
     model_scheduler = pipe.scheduler
     lms = LMSDiscreteScheduler.from_config(model_scheduler.config)
     pipe.set_progress_bar_config(disable=True)  # one bar over prompts, not one per image
+    # Resume at prompt granularity: a prompt's images come from one seeded call, so a prompt with any image
+    # missing is generated again whole (same seed, same images) rather than topped up with different noise.
     todo = [j for j in jobs if not all((out / f).exists() for f in j["files"])]
     for job in tqdm(todo, desc=f"generating ({len(jobs) - len(todo)} of {len(jobs)} prompts done)", dynamic_ncols=True):
         pipe.scheduler = lms if job["scheduler"] == "lms" else model_scheduler
@@ -124,7 +129,7 @@ def generate(pipe, jobs, out, manifest, resolution, steps=50):
                       generator=torch.Generator().manual_seed(job["seed"])).images
         for image, f in zip(images, job["files"]):
             (out / f).parent.mkdir(parents=True, exist_ok=True)
-            tmp = (out / f).with_suffix(".tmp.png")
+            tmp = (out / f).with_suffix(".tmp.png")  # write, then rename: a file with the final name is complete
             image.save(tmp)
             os.replace(tmp, out / f)
         if "meta" in job:
@@ -259,8 +264,10 @@ def score_i2p(args, jobs, out):
     files = [out / f for j in jobs for f in j["files"]]
     cats = [j["categories"] for j in jobs for _ in j["files"]]
     clip, _ = load_clip(args)
+    # np.load refuses pickles by default: the embeddings are plain arrays (converted once, see prompts/README.md)
     q16 = torch.from_numpy(np.load(PROMPTS / f"q16_{args.q16_prompts}.npy")).float()
     q16_flags = q16_inappropriate(image_embeddings(clip, files), q16).tolist()
+    # NudeNet keeps boxes from score 0.2; the protocol's 0.6 is applied by nudenet_classes
     detector = NudeDetector()
     detections = [detector.detect(str(f)) for f in files]
     nude_flags = [bool(nudenet_classes(d)) for d in detections]

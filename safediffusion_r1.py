@@ -18,8 +18,12 @@ Deviations from the paper / the authors' release (each is also noted where it ha
 
 Run:
   24 GB GPU : python safediffusion_r1.py --steps 300 --model CompVis/stable-diffusion-v1-4
+  8 GPUs    : torchrun --nproc_per_node 8 safediffusion_r1.py --train-batch-size 4 --gradient-accumulation-steps 1
   CPU, tiny : python safediffusion_r1.py --tiny --steps 40      (random tiny models: mechanics only)
-  evaluate  : python eval.py --help
+  evaluate  : python eval.py --help          measure: python bench.py --tiny
+
+Layout: 1 config | 2 models | 3 sampler | 4 reward | 5 GRPO loss | 6 checkpoints | 7 training loop.
+Sections 1-6 do no work at import time; eval.py, bench.py and the tests import them.
 """
 import argparse
 import contextlib
@@ -305,6 +309,8 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     """
     if eta <= 0:
         raise ValueError(f"eta must be > 0 for a log-probability (got {eta}): at eta = 0 the step is deterministic")
+    # All of the step in float32, whatever autocast ran the UNet in: the log-ratio of the update is a
+    # difference of two log-probs of size ~1, and bf16's 3 significant digits would drown it.
     eps, x_t = model_output.float(), sample.float()
     t = torch.as_tensor(timestep, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
     # "leading" spacing: the previous timestep is t - 1000 / T; before 0 diffusers uses final_alpha_cumprod
@@ -315,6 +321,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     abar_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
     abar_t, abar_prev = (a.float().view(-1, *[1] * (x_t.ndim - 1)) for a in (abar_t, abar_prev))
 
+    # DDIM eq. 12: predict x_0, then step toward it with variance sigma_t^2 (eta = 1 is DDPM's variance)
     x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     std_dev = eta * variance.sqrt()
@@ -336,9 +343,9 @@ def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidanc
 
     latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D).
     """
-    b = latents.shape[0]
-    embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(unet.dtype)
-    out = unet(torch.cat([latents, latents]).to(unet.dtype), torch.cat([timesteps, timesteps]), embeds).sample
+    b, dtype = latents.shape[0], next(unet.parameters()).dtype  # not unet.dtype: it walks every module, every call
+    embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(dtype)
+    out = unet(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]), embeds).sample
     eps_u, eps_c = out.float().chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
@@ -360,7 +367,7 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
     Returns a dict:  latents (B, T, C, h, w) x_t | next_latents (B, T, C, h, w) x_{t-1} | log_probs (B, T)
     | timesteps (B, T) | prompt_embeds (B, 77, D) | images (B, 3, H, W) in [0, 1] when `vae` is given.
     """
-    device, b = unet.device, prompt_embeds.shape[0]
+    device, b = next(unet.parameters()).device, prompt_embeds.shape[0]
     scheduler.set_timesteps(num_inference_steps, device=device)
     if latents is None:
         latents = initial_noise(b, noise_group_size, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
@@ -494,6 +501,7 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0
 # 6. Checkpoints: one folder per save, written under a temporary name and renamed when complete
 # ==================================================================================================
 def trainable_state(unet):
+    """The parameters the optimizer owns: the whole UNet for a full fine-tune, the adapters for LoRA."""
     return {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
 
 
@@ -640,6 +648,8 @@ def grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages, 
     params = [p for p in unet.parameters() if p.requires_grad]
     B, T = traj["log_probs"].shape
     n_train = max(1, int((T - 1) * args.timestep_fraction))  # the last denoising step is never trained (release)
+    # Each trajectory trains its kept timesteps in its own random order (the release's per-sample shuffle), so
+    # one micro-batch mixes noise levels instead of stacking all its samples at the same t.
     perm = torch.stack([torch.randperm(T - 1, generator=gen)[:n_train] for _ in range(B)])  # (B, n_train), per sample
     rows = torch.arange(B)[:, None]
     x_t, x_prev, old_logp, ts = (traj[k][rows, perm.to(traj[k].device)] for k in ("latents", "next_latents", "log_probs", "timesteps"))
@@ -659,6 +669,8 @@ def grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages, 
                     ref_eps = guided_eps(ref, x, t, embeds[idx], negative_embeds, args.guidance_scale)
                 kl = gaussian_kl(mean, ddim_step_with_logprob(scheduler, ref_eps, t, x, args.eta, x_next)[2], std)
             loss, info = grpo_loss(logp, old_logp[idx, j], advantages[idx], args.clip_range, kl, args.kl_coef)
+            # Backward now, one timestep at a time, so only one UNet graph is alive at once (the memory of a
+            # single forward). Dividing by the number of terms makes the accumulated gradient a mean.
             scaler.scale(loss / (n_train * args.gradient_accumulation_steps)).backward()
             infos.append(info)
         if (m + 1) % args.gradient_accumulation_steps == 0:
@@ -722,6 +734,8 @@ def train(args, reward_fn=None):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
+    # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
     start = load_checkpoint(resume, unet, optimizer, gen, rank, world) if resume else 0
     tokenizer = models["tokenizer"]
     encode = lambda prompts: encode_prompts(tokenizer, models["text_encoder"], prompts)  # noqa: E731
@@ -773,6 +787,7 @@ def train(args, reward_fn=None):
             if not warned and any(len(ids) > tokenizer.model_max_length for ids in tokenizer(prompts).input_ids):
                 warned = True  # once per run, as diffusers does
                 warnings.warn(f"prompts longer than {tokenizer.model_max_length} tokens are truncated")
+            # Trajectories are laid out as P consecutive groups of G; group_advantages relies on that order.
             embeds = encode(prompts).repeat_interleave(G, dim=0)  # (B, 77, D), groups consecutive
             noise = initial_noise(B, G if args.share_noise else 1, latent_shape, gen)
             chunks = [sample_with_logprob(unet, scheduler, embeds[i:i + S], negative_embeds, num_inference_steps=T,
@@ -784,6 +799,7 @@ def train(args, reward_fn=None):
             marks.append(clock())
             # ================= REWARD and ADVANTAGE (per group) =================
             prompts_rep = [p for p in prompts for _ in range(G)]
+            # Scored in chunks of the sampling batch: the reward model's activations stay bounded at any B.
             rewards = torch.cat([reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)]).float().cpu()
             advantages = group_advantages(rewards, G, args.adv_clip_max).to(device)
             marks.append(clock())

@@ -668,3 +668,19 @@ def test_long_prompts_are_truncated_with_one_warning(tmp_path):
     with pytest.warns(UserWarning, match="truncated") as record:
         sd.train(small_args(tmp_path, "--steps", "2", "--negative-prompts", str(long)), reward_fn=brightness)
     assert len([w for w in record if "truncated" in str(w.message)]) == 1
+
+
+def test_prompt_files_skip_blank_lines_and_comments(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# a comment\n\n  a red car  \n\t\n# another\nan apple\n", encoding="utf-8")
+    assert sd.read_lines(f, "prompts") == ["a red car", "an apple"]
+
+
+def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
+    def oom(args, reward_fn=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(sd, "train", oom)
+    with pytest.raises(SystemExit) as e:
+        sd.main(["--tiny"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "--train-batch-size" in err and "--lora-rank" in err and "--gradient-checkpointing" in err

@@ -1,0 +1,366 @@
+"""Speed and memory of safediffusion_r1.py against its peers, measured side by side in one run.
+
+Absolute times on shared machines drift; ratios taken in the same run, with the two contenders
+interleaved repeat by repeat, hold. Nothing here is a test: tests assert behaviour, this measures.
+
+  1. sampling   our sample_with_logprob vs diffusers' StableDiffusionPipeline (DDIM, same UNet, steps,
+                guidance, batch, seed), with and without VAE decoding. Goal: ratio <= 1.03.
+  2. reward     our batched in-memory steering reward vs the release's path (each image written as JPEG,
+                reopened, preprocessed by PIL and scored alone). Speed-up and the reward change JPEG causes.
+  3. training   one trained timestep inside grpo_update vs its floor (guided UNet forward pair with grad +
+                backward, + reference forward with KL on). Goal: overhead <= 10%. Plus one full step by phase.
+  4. memory     one training micro-step (forward pair + backward + AdamW) for full fine-tune and LoRA, with and
+                without gradient checkpointing, each in a fresh process; the predicted peak of the default
+                config on a 24 GB GPU and the largest micro-batch that fits.
+  5. scaling    seconds per step as group size and denoising steps double; fitted cost per UNet forward.
+
+Run:  python bench.py --tiny                 (about two minutes on 2 CPU cores)
+      python bench.py --full-size            (SD 1.x architectures with random weights; under 15 min on CPU)
+      python bench.py --full-size --device cuda
+Writes bench.json (machine, versions, every figure as min/median/max over repeats) and prints tables.
+"""
+import argparse
+import contextlib
+import io
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import safediffusion_r1 as sd
+
+GIB = 2**30
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def side_by_side(contenders, repeats, device, warmup=True):
+    """Time each contender `repeats` times, interleaved (A B A B ...) so drift hits both alike; one warm-up each
+    (skipped for the full-size models on CPU, where one call takes seconds and start-up costs are noise)."""
+    for fn in contenders.values() if warmup else []:
+        fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn, device))
+    return {name: dict(min=min(t), median=statistics.median(t), max=max(t)) for name, t in times.items()}
+
+
+def sd_parts(full_size, seed=0, reward=True):
+    """Tiny models, or the real SD 1.x UNet / VAE / text encoder (and ViT-H-14 reward) architectures, random weights."""
+    m = sd.build_tiny_models(seed)
+    if full_size:
+        import open_clip
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+        torch.manual_seed(seed)
+        m["unet"] = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
+        m["vae"] = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+        m["text_encoder"] = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                         num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+        if reward:
+            m["reward_model"] = open_clip.create_model("ViT-H-14", pretrained=None, device=torch.get_default_device()).eval()
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------
+def bench_sampling(m, args, device, res):
+    from diffusers import StableDiffusionPipeline
+    B, T, w = args.batch, args.steps, 5.0
+    unet, vae, sched = m["unet"].to(device), m["vae"].to(device), m["scheduler"]
+    m["text_encoder"].to(device)
+    emb = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a photo of a cat"] * B)
+    neg = sd.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=m["text_encoder"], tokenizer=m["tokenizer"], unet=unet,
+                                   scheduler=sd.sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = {}
+    for decode in (False, True):
+        ours = lambda: sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=w, eta=1.0,  # noqa: E731
+                                              generator=torch.Generator().manual_seed(0), resolution=res,
+                                              vae=vae if decode else None)
+        theirs = lambda: pipe(prompt_embeds=emb, negative_prompt_embeds=neg.expand(B, -1, -1), num_inference_steps=T,  # noqa: E731
+                              guidance_scale=w, eta=1.0, height=res, width=res, generator=torch.Generator().manual_seed(0),
+                              output_type="pt" if decode else "latent")
+        with torch.no_grad():
+            t = side_by_side({"ours": ours, "diffusers": theirs}, args.repeats, device, args.warmup)
+        out["with_decode" if decode else "latents_only"] = dict(t, ratio=t["ours"]["median"] / t["diffusers"]["median"])
+    return out
+
+
+def bench_reward(m, args, device, res):
+    """The release's path, written here for the comparison only: PNG -> JPEG file -> PIL -> CLIP, one by one."""
+    import open_clip
+    from PIL import Image
+    model, tok = m["reward_model"].to(device), m["reward_tokenizer"]
+    size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
+    transform = open_clip.image_transform(size, is_train=False, mean=model.visual.image_mean, std=model.visual.image_std)
+    safe, unsafe = sd.read_lines(sd.HERE / "prompts/anchors_safe.txt", ""), sd.read_lines(sd.HERE / "prompts/anchors_unsafe.txt", "")
+    fn = sd.make_steering_reward_fn(model, tok, safe, unsafe)
+    images = torch.rand(args.batch * 2, 3, res, res, generator=torch.Generator().manual_seed(0))
+    images = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 8), size=res, mode="bilinear")  # smooth
+    prompts = ["a photo of a cat"] * len(images)
+    tmp = Path(tempfile.mkdtemp())
+
+    @torch.no_grad()
+    def release():
+        scores = []
+        for i, (img, p) in enumerate(zip(images, prompts)):
+            path = tmp / f"{i}.jpg"
+            Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+            pixels = transform(Image.open(path))[None].to(device)
+            t_emb = model.encode_text(tok([p]).to(device))
+            scores.append(sd.steering_reward(model.encode_image(pixels), t_emb, fn.direction))
+        return torch.cat(scores)
+    t = side_by_side({"ours_batched": lambda: fn(images, prompts), "release_jpeg_one_by_one": release}, args.repeats, device, args.warmup)
+    diff = (fn(images, prompts).cpu() - release().cpu()).abs()
+    return dict(t, speedup=t["release_jpeg_one_by_one"]["median"] / t["ours_batched"]["median"],
+                reward_abs_diff_mean=diff.mean().item(), reward_abs_diff_max=diff.max().item(), images=len(images))
+
+
+def bench_training(m, args, device, res, kl_coef):
+    tb, T = args.batch, args.steps
+    # full size: the default config's levers (bf16 autocast, bf16 reference, gradient checkpointing); tiny: fp32
+    targs = sd.parse_args((["--tiny"] if not args.full_size else ["--mixed-precision", "bf16", "--gradient-checkpointing"]) + [
+        "--num-inference-steps", str(T), "--train-batch-size", str(tb), "--gradient-accumulation-steps", "1",
+        "--kl-coef", str(kl_coef), "--resolution", str(res)])
+    dtype = torch.bfloat16 if targs.mixed_precision == "bf16" else torch.float32
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    unet = m["unet"]
+    ref = sd.setup_unet(unet, targs, dtype)
+    if targs.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.to(device).train()
+    ref = ref.to(device) if ref is not None else None
+    emb = torch.randn(tb, 77, unet.config.cross_attention_dim, device=device)
+    neg = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
+    sched = m["scheduler"]
+    with torch.no_grad():
+        traj = sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=5.0,
+                                      generator=torch.Generator().manual_seed(0), resolution=res)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    adv = torch.randn(tb, device=device)
+    x, t = traj["latents"][:, 0], traj["timesteps"][:, 0].to(device)
+
+    def floor():  # what one trained timestep cannot do without, done T - 1 times
+        for _ in range(T - 1):
+            with autocast():
+                unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg.expand(tb, -1, -1), emb])).sample.float().sum().backward()
+            if kl_coef:
+                with torch.no_grad(), autocast():
+                    ref(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg.expand(tb, -1, -1), emb]).to(dtype))
+        opt.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(0)
+    ours = lambda: sd.grpo_update(unet, ref, sched, opt, scaler, traj, adv, neg, targs, gen, autocast)  # noqa: E731
+    r = side_by_side({"grpo_update": ours, "floor": floor}, args.repeats, device, args.warmup)
+    per = {k: {s: v / (T - 1) for s, v in r[k].items()} for k in r}
+    return dict(per_timestep=per, overhead=r["grpo_update"]["median"] / r["floor"]["median"] - 1, kl_coef=kl_coef)
+
+
+def bench_phases(args, res):
+    """One full step of train() broken down by phase (the second step: the first one warms up)."""
+    with tempfile.TemporaryDirectory() as d:
+        argv = ["--tiny"] if not args.full_size else ["--model", "unused"]
+        a = sd.parse_args(argv + ["--steps", "2", "--output-dir", d, "--save-every", "1", "--sample-every", "1"])
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            run = sd.train(a, reward_fn=lambda im, p: im.mean(dim=(1, 2, 3)))
+        row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    phases = {k[len("seconds_"):]: v for k, v in row.items() if k.startswith("seconds_")}
+    phases["log_and_other"] = row["seconds"] - sum(phases.values())
+    return dict(seconds=row["seconds"], phases=phases)
+
+
+def bench_scaling(args, device):
+    """Seconds per step (sample + train) as G and T double; fit seconds = c x UNet forward-equivalents.
+    Forward-equivalents: sampling 2 B T (CFG pair); training 3 x 2 B (T - 1) (backward ~ 2 forwards)."""
+    m = sd_parts(False)
+    unet, sched = m["unet"].to(device), m["scheduler"]
+    targs = sd.parse_args(["--tiny", "--gradient-accumulation-steps", "1", "--train-batch-size", "4"])
+    sd.setup_unet(unet, targs, torch.float32)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    rows = []
+    for G, T in [(4, 4), (8, 4), (16, 4), (4, 8), (4, 16)]:
+        targs.num_inference_steps = T
+        emb, neg = torch.randn(G, 77, 32, device=device), torch.randn(1, 77, 32, device=device)
+
+        def step():
+            with torch.no_grad():
+                traj = sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=4.5,
+                                              generator=torch.Generator().manual_seed(0), resolution=64)
+            sd.grpo_update(unet, None, sched, opt, scaler, {**traj, "prompt_embeds": emb}, torch.randn(G), neg, targs,
+                           torch.Generator().manual_seed(0), contextlib.nullcontext)
+        t = side_by_side({"step": step}, args.repeats, device, args.warmup)["step"]
+        rows.append(dict(group_size=G, steps=T, seconds=t, forward_equivalents=2 * G * T + 6 * G * (T - 1)))
+    fe = torch.tensor([r["forward_equivalents"] for r in rows], dtype=torch.float64)
+    secs = torch.tensor([r["seconds"]["median"] for r in rows], dtype=torch.float64)
+    c = float((fe * secs).sum() / (fe * fe).sum())  # least squares through the origin
+    for r in rows:
+        r["predicted"] = c * r["forward_equivalents"]
+    return dict(rows=rows, seconds_per_forward_equivalent=c)
+
+
+# ---------------------------------------------------------------------------------------------------
+def memory_case(case, full_size, device):
+    """Run in a fresh process: peak memory of one training micro-step (1 trajectory: a CFG pair of 2)."""
+    lora, ckpt = case.startswith("lora"), case.endswith("ckpt")
+    m = sd_parts(full_size, reward=False)
+    unet = m["unet"]
+    args = sd.parse_args(["--tiny"] * (not full_size) + ["--lora-rank", str(4 * lora), "--kl-coef", "0"])
+    sd.setup_unet(unet, args, torch.float32)
+    unet.to(device).train()
+    if ckpt:
+        unet.enable_gradient_checkpointing()
+    h = unet.config.sample_size
+    D = unet.config.cross_attention_dim
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
+    before = current_memory(device)
+    unet(torch.randn(2, 4, h, h, device=device), torch.tensor([500, 500], device=device), torch.randn(2, 77, D, device=device)).sample.mean().backward()
+    opt.step()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    return dict(case=case, peak_gib=peak / GIB, before_step_gib=before / GIB, params=sum(p.numel() for p in unet.parameters()),
+                trainable=trainable)
+
+
+def current_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def frozen_params():
+    """Parameter counts of the frozen models the default config keeps resident (meta device: no memory)."""
+    with torch.device("meta"):
+        m = sd_parts(True)
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    return dict(unet=n(m["unet"]), vae=n(m["vae"]), text_encoder=n(m["text_encoder"]), reward_vit_h_14=n(m["reward_model"]))
+
+
+def bench_memory(args, device):
+    cases = {}
+    for case in ("full", "full-ckpt", "lora", "lora-ckpt"):
+        cmd = [sys.executable, __file__, "--memory-case", case, "--device", device.type] + ["--full-size"] * args.full_size
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"memory case {case} failed (exit {proc.returncode}; -9 = killed, likely out of memory):\n"
+                               + proc.stderr[-2000:])
+        cases[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+    p = frozen_params()
+    # default config on a GPU: fp32 weights + grads + 2 Adam moments (full), bf16 KL reference and frozen models
+    static = dict(unet_weights_grads_adam=16 * p["unet"], kl_reference_bf16=2 * p["unet"],
+                  vae_text_encoder_reward_bf16=2 * (p["vae"] + p["text_encoder"] + p["reward_vit_h_14"]))
+    full = cases["full-ckpt"]  # peak - before = fp32 grads + 2 Adam moments (12 bytes a parameter) + activations
+    activations = max(0.0, (full["peak_gib"] - full["before_step_gib"]) * GIB - 12 * full["trainable"])
+    act_per_traj = activations * (0.5 if device.type == "cpu" else 1.0)  # CPU ran fp32; bf16 autocast halves them
+    budget = 24 * GIB - sum(static.values()) - 1 * GIB  # 1 GiB for the CUDA context and fragmentation
+    return dict(cases=cases, params=p, static_gib={k: v / GIB for k, v in static.items()},
+                activations_per_trajectory_gib=act_per_traj / GIB,
+                predicted_default_peak_gib=(sum(static.values()) + 2 * act_per_traj) / GIB,
+                largest_micro_batch_24gb=int(budget // act_per_traj) if act_per_traj > 0 else None,
+                note="activations from the process-level measurement of one checkpointed micro-step; on CPU measured "
+                     "in fp32 and halved for bf16 (an estimate); the rest is parameter counts x bytes")
+
+
+def machine():
+    return dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                versions={m: __import__(m).__version__ for m in ("diffusers", "transformers", "open_clip")})
+
+
+def fmt(t):
+    return f"{t['median'] * 1e3:9.1f} ms (min {t['min'] * 1e3:.1f}, max {t['max'] * 1e3:.1f})"
+
+
+def report(r):
+    out = io.StringIO()
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"# bench.py {r['mode']} on {r['device']} ({r['machine']['cpu']}, {r['machine']['threads']} threads, torch {r['machine']['torch']})")
+    for k, v in r["sampling"].items():
+        p(f"sampling {k:13s} ours {fmt(v['ours'])} | diffusers {fmt(v['diffusers'])} | ratio {v['ratio']:.3f} (goal <= 1.03)")
+    rw = r["reward"]
+    p(f"reward   ours batched {fmt(rw['ours_batched'])} | release JPEG one-by-one {fmt(rw['release_jpeg_one_by_one'])} | "
+      f"speed-up {rw['speedup']:.1f}x | |reward diff| mean {rw['reward_abs_diff_mean']:.2e} max {rw['reward_abs_diff_max']:.2e}")
+    for tr in r["training"]:
+        p(f"training kl_coef {tr['kl_coef']}: per trained timestep {fmt(tr['per_timestep']['grpo_update'])} vs floor "
+          f"{fmt(tr['per_timestep']['floor'])} | overhead {100 * tr['overhead']:+.1f}% (goal <= 10%)")
+    ph = r["phases"]
+    if ph["phases"]:
+        p(f"one step {ph['seconds']:.2f} s (tiny defaults): " + ", ".join(f"{k} {v:.3f}" for k, v in ph["phases"].items()))
+    for c in r["memory"]["cases"].values():
+        p(f"memory   {c['case']:10s} peak {c['peak_gib']:6.2f} GiB (before the step {c['before_step_gib']:.2f}) | "
+          f"{c['trainable']:,} of {c['params']:,} params trainable")
+    mem = r["memory"]
+    if r["mode"] == "tiny":
+        p("memory   (tiny: process baseline dominates; run --full-size for the SD 1.x figures and the 24 GB prediction)")
+    else:
+        p(f"memory   default config on a 24 GB GPU: predicted peak {mem['predicted_default_peak_gib']:.1f} GiB "
+          f"(static {sum(mem['static_gib'].values()):.1f} GiB + 2 x {mem['activations_per_trajectory_gib']:.2f} GiB activations); "
+          f"largest micro-batch {mem['largest_micro_batch_24gb']}")
+    sc = r["scaling"]
+    for row in sc["rows"]:
+        p(f"scaling  G {row['group_size']:2d} T {row['steps']:2d}: {row['seconds']['median']:.3f} s, "
+          f"predicted {row['predicted']:.3f} s ({row['forward_equivalents']} forward-equivalents)")
+    p(f"scaling  cost model: {sc['seconds_per_forward_equivalent'] * 1e3:.2f} ms per UNet forward-equivalent (tiny UNet)")
+    return out.getvalue()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--tiny", action="store_true", help="tiny random models (default)")
+    mode.add_argument("--full-size", action="store_true", help="real SD 1.x architectures, random weights")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per contender (min/median/max)")
+    ap.add_argument("--memory-case", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="bench.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.memory_case:
+        print(json.dumps(memory_case(args.memory_case, args.full_size, device)))
+        return
+    # sizes: full-size keeps CPU time bounded (64 px latents are 512 px images)
+    res = 512 if args.full_size else 64
+    slow = args.full_size and device.type == "cpu"  # one full-size UNet forward+backward takes ~25 s on 2 cores
+    args.batch, args.steps, args.warmup = (1, 2, False) if slow else (4, 8, True)
+    r = dict(mode="full-size" if args.full_size else "tiny", device=str(device), machine=machine(),
+             settings=dict(batch=args.batch, steps=args.steps, resolution=res, repeats=args.repeats))
+    say = lambda what: print(f"[bench {time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)  # noqa: E731
+    say("1/5 memory: one micro-step per configuration, each in a fresh process (first, while this one is small)")
+    r["memory"] = bench_memory(args, device)
+    say("2/5 sampling: ours vs diffusers' pipeline")
+    m = sd_parts(args.full_size)
+    r["sampling"] = bench_sampling(m, args, device, res)
+    say("3/5 reward: batched in memory vs the release's JPEG path")
+    r["reward"] = bench_reward(m, args, device, res)
+    say("4/5 training: grpo_update vs its floor, and one step by phase")
+    m.pop("reward_model")  # frees ViT-H's 4 GB before the full-size training step needs the room
+    r["training"] = [bench_training(m if slow else sd_parts(False), args, device, res, kl) for kl in ((0.01,) if slow else (0.0, 0.01))]
+    r["phases"] = bench_phases(args, res) if not args.full_size else dict(seconds=None, phases={})  # needs real weights
+    say("5/5 scaling: group size and denoising steps doubled")
+    r["scaling"] = bench_scaling(args, device)
+    Path(args.out).write_text(json.dumps(r, indent=2))
+    print(report(r))
+
+
+if __name__ == "__main__":
+    main()
