@@ -731,8 +731,9 @@ def train(args, reward_fn=None):
         reward_fn = make_steering_reward_fn(models["reward_model"], models["reward_tokenizer"], safe, unsafe,
                                             args.alpha, args.steering)
     params = [p for p in unet.parameters() if p.requires_grad]
+    # fused AdamW on GPU: one kernel, and none of the foreach version's full-size temporaries (+3.2 GiB for SD's UNet)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
     # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
