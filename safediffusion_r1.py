@@ -597,7 +597,8 @@ def setup_unet(unet, args, dtype):
             from peft import LoraConfig
         except ImportError:
             raise UsageError("--lora-rank needs peft: pip install peft") from None
-        unet.to(dtype)  # add_adapter freezes the base weights itself
+        if dtype != torch.float32:
+            unet.to(dtype)  # the frozen base is only ever run: store it in the autocast dtype
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
         for p in unet.parameters():  # LoRA weights and their Adam state in fp32, the frozen base in `dtype`
@@ -605,7 +606,10 @@ def setup_unet(unet, args, dtype):
                 p.data = p.data.float()
         return None
     unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
-    return copy.deepcopy(unet).requires_grad_(False).to(dtype) if args.kl_coef > 0 else None
+    if args.kl_coef == 0:
+        return None
+    ref_unet = copy.deepcopy(unet).requires_grad_(False)
+    return ref_unet.to(dtype) if dtype != torch.float32 else ref_unet
 
 
 @contextlib.contextmanager

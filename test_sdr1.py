@@ -684,3 +684,25 @@ def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
         sd.main(["--tiny"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "--train-batch-size" in err and "--lora-rank" in err and "--gradient-checkpointing" in err
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
+    """Checkpointing recomputes activations in backward; it must not change (or, with a frozen LoRA base and
+    reentrant checkpoints, silently drop) any gradient."""
+    grads = []
+    for ckpt in (False, True):
+        unet = sd.build_tiny_models(seed=0)["unet"]
+        torch.manual_seed(0)
+        sd.setup_unet(unet, sd.parse_args(["--tiny", "--lora-rank", str(lora_rank)]), torch.float32)
+        if ckpt:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        g = torch.Generator().manual_seed(0)
+        eps = sd.guided_eps(unet, torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]),
+                            torch.randn(2, 77, 32, generator=g), torch.randn(1, 77, 32, generator=g), 4.5)
+        (eps * torch.randn(eps.shape, generator=g)).mean().backward()
+        grads.append({n: p.grad for n, p in unet.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(v is not None for v in grads[1].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
