@@ -655,8 +655,8 @@ def grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages, 
     # Each trajectory trains its kept timesteps in its own random order (the release's per-sample shuffle), so
     # one micro-batch mixes noise levels instead of stacking all its samples at the same t.
     perm = torch.stack([torch.randperm(T - 1, generator=gen)[:n_train] for _ in range(B)])  # (B, n_train), per sample
-    rows = torch.arange(B)[:, None]
-    x_t, x_prev, old_logp, ts = (traj[k][rows, perm.to(traj[k].device)] for k in ("latents", "next_latents", "log_probs", "timesteps"))
+    rows, perm = torch.arange(B, device=traj["latents"].device)[:, None], perm.to(traj["latents"].device)
+    x_t, x_prev, old_logp, ts = (traj[k][rows, perm] for k in ("latents", "next_latents", "log_probs", "timesteps"))
     order = torch.randperm(B, generator=gen)  # mix prompts across micro-batches
     embeds, device = traj["prompt_embeds"], x_t.device
     infos, grad_norms, skipped = [], [], 0
@@ -815,13 +815,13 @@ def train(args, reward_fn=None):
             bad_steps = bad_steps + 1 if skipped else 0
             marks.append(clock())
             # ================= LOG =================
-            everyone = [rewards.clone() for _ in range(world)]  # every process's rewards, for the log
-            if world > 1:
-                torch.distributed.all_gather(everyone, rewards)
-            everyone, is_neg = torch.cat(everyone), (torch.arange(B) < n_neg * G).repeat(world)
+            everyone = [rewards.to(device) for _ in range(world)]  # every process's rewards, for the log
+            if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors
+                torch.distributed.all_gather(everyone, rewards.to(device))
+            everyone, is_neg = torch.cat(everyone).cpu(), (torch.arange(B) < n_neg * G).repeat(world)
             stats = {k: sum(i[k] for i in infos) / len(infos) for k in ("policy_loss", "kl", "approx_kl", "clipfrac")}
             stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
-            stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), dtype=torch.float64), world).tolist()))
+            stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), device=device), world).tolist()))
             row = dict(step=step + 1, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
                        reward_negative=everyone[is_neg].mean().item() if n_neg else None,
                        reward_positive=everyone[~is_neg].mean().item() if n_neg < P else None, **stats,
