@@ -110,8 +110,7 @@ def bench_reward(m, args, device, res):
     import open_clip
     from PIL import Image
     model, tok = m["reward_model"].to(device), m["reward_tokenizer"]
-    size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
-    transform = open_clip.image_transform(size, is_train=False, mean=model.visual.image_mean, std=model.visual.image_std)
+    transform = open_clip.image_transform(sd.clip_image_size(model), is_train=False, mean=model.visual.image_mean, std=model.visual.image_std)
     safe, unsafe = sd.read_lines(sd.HERE / "prompts/anchors_safe.txt", ""), sd.read_lines(sd.HERE / "prompts/anchors_unsafe.txt", "")
     fn = sd.make_steering_reward_fn(model, tok, safe, unsafe)
     images = torch.rand(args.batch * 2, 3, res, res, generator=torch.Generator().manual_seed(0))

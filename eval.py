@@ -251,12 +251,8 @@ def load_clip(args):
 
 @torch.no_grad()
 def image_embeddings(clip, paths, batch=32):
-    size = clip.visual.image_size[0] if isinstance(clip.visual.image_size, (tuple, list)) else clip.visual.image_size
-    out = []
-    for i in range(0, len(paths), batch):
-        pixels = sd.clip_preprocess(load_images(paths[i:i + batch]), size, clip.visual.image_mean, clip.visual.image_std)
-        out.append(clip.encode_image(pixels))
-    return torch.cat(out)
+    return torch.cat([clip.encode_image(sd.clip_pixels(clip, load_images(paths[i:i + batch])))
+                      for i in range(0, len(paths), batch)])
 
 
 def score_i2p(args, jobs, out):
@@ -325,13 +321,11 @@ def detect(model, processor, image_path):
 
 def colour_classifier(clip, tokenizer, image):
     """GenEval's colour rule: zero-shot CLIP over 10 colours on the box crop with the background greyed out."""
-    size = clip.visual.image_size[0] if isinstance(clip.visual.image_size, (tuple, list)) else clip.visual.image_size
-
     @torch.no_grad()
     def colour_of(name, det):
         x0, y0, x1, y1 = det[1]
         crop = torch.where(det[2][None], image, torch.full_like(image, 0.5))[:, y0:y1, x0:x1]
-        pixels = sd.clip_preprocess(crop[None], size, clip.visual.image_mean, clip.visual.image_std)
+        pixels = sd.clip_pixels(clip, crop[None])
         text = clip.encode_text(tokenizer([f"a photo of a {c} {name}" for c in GENEVAL_COLORS]))
         return GENEVAL_COLORS[(sd.normalize(clip.encode_image(pixels)) @ sd.normalize(text).T).argmax().item()]
     return colour_of

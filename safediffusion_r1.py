@@ -51,6 +51,10 @@ class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit code 2, nothing written."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row with a non-finite reward, loss or gradient: exit code 1, checkpoints intact."""
+
+
 # ==================================================================================================
 # 1. Config
 # ==================================================================================================
@@ -430,11 +434,19 @@ def clip_preprocess(images, size, mean, std):
     return (images - mean) / std
 
 
+def clip_image_size(model):
+    size = model.visual.image_size  # OpenCLIP stores an int or an (H, W) pair
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def clip_pixels(model, images):
+    """(B, 3, H, W) images in [0, 1] -> an OpenCLIP model's input, with its own size, mean and std."""
+    return clip_preprocess(images, clip_image_size(model), model.visual.image_mean, model.visual.image_std)
+
+
 def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe_anchors, alpha=0.5, mode="add"):
     """-> reward_fn(images (B, 3, H, W) in [0, 1], prompts list of B str) -> (B,) float32 rewards."""
     device = next(reward_model.parameters()).device
-    visual = reward_model.visual
-    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
 
     @torch.no_grad()
     def text(prompts):
@@ -444,7 +456,7 @@ def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe
 
     @torch.no_grad()
     def reward_fn(images, prompts):
-        pixels = clip_preprocess(images.to(device).float(), size, visual.image_mean, visual.image_std)
+        pixels = clip_pixels(reward_model, images.to(device).float())
         image_emb = reward_model.encode_image(pixels.to(next(reward_model.parameters()).dtype))
         return steering_reward(image_emb, text(list(prompts)), direction, alpha, mode)
 
@@ -779,15 +791,18 @@ def train(args, reward_fn=None):
                                   dynamic_ncols=True, disable=rank > 0)
 
     def clock():  # phase boundaries; CUDA work is asynchronous, so wait for it first
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.time()
+
+    def pick(pool, k):  # k prompts drawn with replacement by `gen`, so a resumed run draws the same ones
+        return [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)]
     try:
         for step in bar:
             marks = [clock()]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             # ================= SAMPLE: G trajectories per prompt, no grad =================
-            pick = lambda pool, k: [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)]  # noqa: E731
             prompts = pick(negatives, n_neg) + pick(positives, P - n_neg)
             if not warned and any(len(ids) > tokenizer.model_max_length for ids in tokenizer(prompts).input_ids):
                 warned = True  # once per run, as diffusers does
@@ -847,7 +862,7 @@ def train(args, reward_fn=None):
             if bad_steps:
                 say(f"step {step + 1}: non-finite reward, loss or gradient; update skipped ({bad_steps} in a row)")
             if bad_steps >= args.max_nonfinite_steps:
-                raise RuntimeError(f"{bad_steps} steps in a row had a non-finite reward, loss or gradient; stopping. The last "
+                raise TrainingDiverged(f"{bad_steps} steps in a row had a non-finite reward, loss or gradient; stopping. The last "
                                    f"good checkpoint is intact: lower --learning-rate or check the reward, then --resume latest")
             if stop:
                 say(f"interrupted: checkpoint saved at step {step + 1}; continue with --resume latest")
@@ -890,9 +905,7 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         print(f"error: {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)
-    except RuntimeError as e:
-        if "non-finite" not in str(e):
-            raise
+    except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
