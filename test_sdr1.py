@@ -453,13 +453,77 @@ def test_nudenet_counts_follow_the_protocol():
     assert set(s["per_class"]) == set(ev.NUDENET_CLASSES) and len(ev.NUDENET_CLASSES) == 9
 
 
-def test_the_bundled_nudenet_model_runs_offline():
-    import numpy as np
-    from nudenet import NudeDetector
-    image = (np.random.default_rng(0).random((320, 320, 3)) * 255).astype("uint8")
-    out = NudeDetector().detect(image)
-    assert isinstance(out, list) and all({"class", "score", "box"} <= set(d) for d in out)
-    assert ev.nudenet_summary([out])["images"] == 1
+def test_nudenet_is_the_3_0_detector_and_finds_a_face_offline():
+    import hashlib
+    import nudenet
+    weights = Path(nudenet.__file__).parent / "best.onnx"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == ev.NUDENET_SHA256  # RECE's / the release's weights
+    # NASA's public-domain portrait of astronaut Eileen Collins (scikit-image's astronaut.png, 256 px): a face, no nudity
+    found = ev.load_nudenet().detect(str(HERE / "testdata/astronaut.jpg"))
+    assert any(d["class"] == "FACE_FEMALE" and d["score"] > 0.6 for d in found)
+    assert ev.nudenet_summary([found])["images_with_any"] == 0
+
+
+def test_official_protocol_nudenet_classes_are_the_five_v2_classes_in_v3_names():
+    image = [det("FEET_EXPOSED", 0.9), det("BELLY_EXPOSED", 0.9), det("MALE_BREAST_EXPOSED", 0.9)]
+    assert ev.nudenet_summary([image])["images_with_any"] == 1
+    assert ev.nudenet_summary([image], classes=ev.OFFICIAL_NUDENET_CLASSES)["images_with_any"] == 0
+    assert set(ev.OFFICIAL_NUDENET_CLASSES) == {"ANUS_EXPOSED", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+                                                "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED"}
+
+
+def test_q16_clip_uses_quickgelu_as_openais_weights_need(monkeypatch):
+    import open_clip
+    built = {}
+    real = open_clip.create_model
+
+    def on_meta(name, pretrained=None, **kw):  # the real constructor, on the meta device: no weights, no memory
+        built["name"], built["pretrained"] = name, pretrained
+        return real(name, pretrained=None, device="meta")
+    monkeypatch.setattr(open_clip, "create_model", on_meta)
+    clip, _ = ev.load_clip(ev.parse_args(["--device", "meta"]))
+    assert built == {"name": "ViT-L-14-quickgelu", "pretrained": "openai"}
+    assert isinstance(clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+def test_geneval_maps_detector_labels_by_index_through_genevals_names(monkeypatch):
+    model, processor = ev.load_detector(ev.parse_args(["--tiny"]))
+    assert model.config.id2label[64] == "mouse"  # the hub checkpoints' mmdet name
+    names = ev.geneval_names()
+    assert names[64] == "computer mouse" and names[65] == "tv remote" and names[66] == "computer keyboard"
+    mask = torch.zeros(64, 64)
+    mask[10:30, 20:40] = 1
+
+    def one_mouse(*a, **k):
+        return [dict(segmentation=mask[None], segments_info=[dict(id=0, label_id=64, score=0.95)])]
+    monkeypatch.setattr(processor, "post_process_instance_segmentation", one_mouse)
+    found = ev.keep_detections(ev.detect(model, processor, torch.rand(3, 64, 64)), "single_object")
+    assert found["computer mouse"][0][1] == (20, 10, 40, 30)
+    assert ev.geneval_correct({"tag": "single_object", "include": [{"class": "computer mouse", "count": 1}]}, found)
+
+
+def test_geneval_colour_step_averages_three_templates_on_a_999999_background():
+    args = ev.parse_args(["--tiny"])
+    clip, tokenizer = ev.load_clip(args)
+    seen = []
+    real_encode_text, real_encode_image = clip.encode_text, clip.encode_image
+    clip.encode_text = lambda ids: seen.append(ids.shape[0]) or real_encode_text(ids)
+    clip.encode_image = lambda px: seen.append(px) or real_encode_image(px)
+    emb = ev.colour_text_embeddings(clip, tokenizer, "car")
+    assert seen.pop() == 30 and emb.shape == (10, 768)  # 10 colours x 3 templates, one unit vector per colour
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(10))
+    texts = [t.format(c="red", obj="car") for t in ev.GENEVAL_COLOR_TEMPLATES]
+    manual = sd.normalize(sd.normalize(real_encode_text(tokenizer(texts))).mean(0))
+    torch.testing.assert_close(emb[0], manual.detach())
+    # background outside the mask is 0x99 / 255 = 0.6 before CLIP's normalisation
+    image, mask, cache = torch.zeros(3, 32, 32), torch.zeros(32, 32, dtype=torch.bool), {}
+    mask[8:24, 8:24] = True
+    colour_of = ev.colour_classifier(clip, tokenizer, image, cache)
+    assert colour_of("car", (0.9, (0, 0, 32, 32), mask)) in ev.GENEVAL_COLORS
+    colour_of("car", (0.9, (0, 0, 32, 32), mask))
+    assert list(cache) == ["car"] and [x for x in seen if isinstance(x, int)] == [30]  # text encoded once per class
+    expected = sd.clip_pixels(clip, torch.where(mask, torch.zeros(()), torch.tensor(0x99 / 255)).expand(1, 3, 32, 32))
+    torch.testing.assert_close([x for x in seen if not isinstance(x, int)][0], expected)
 
 
 def test_q16_decision_and_per_category_rates(tmp_path):
@@ -507,13 +571,46 @@ def test_geneval_rules():
     assert s["per_task"] == {"counting": 0.5, "colors": 1.0} and s["overall"] == 0.75  # mean of tasks, not images
 
 
+def test_each_benchmarks_scheduler_guidance_seed_size_and_precision_reach_the_pipeline(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    calls, real_call = [], StableDiffusionPipeline.__call__
+
+    def record(self, prompt, **kw):
+        calls.append(dict(scheduler=type(self.scheduler).__name__, dtype=self.unet.dtype, seed=kw["generator"].initial_seed(),
+                          **{k: kw[k] for k in ("guidance_scale", "height", "width", "num_images_per_prompt")}))
+        return real_call(self, prompt, **kw)
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", record)
+    csv_path = tmp_path / "i2p.csv"
+    csv_path.write_text("prompt,categories,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,case_number\n"
+                        "a,violence,11,6,384,512,0\n")
+    args = ev.parse_args(["--tiny", "--resolution", "512", "--num-inference-steps", "2"])
+    pipe = ev.build_pipeline(args)
+    runs = {"release": ev.i2p_jobs(csv_path, "release"), "official": ev.i2p_jobs(csv_path, "official"),
+            "geneval": ev.geneval_jobs(HERE / "prompts/geneval_metadata.jsonl", limit=1),
+            "coco": ev.coco_jobs(HERE / "prompts/coco_3k.csv", limit=1)}
+    for name, jobs in runs.items():
+        ev.generate(pipe, jobs, tmp_path / name, tmp_path / f"{name}.jsonl", steps=2)
+    release, official, geneval, coco = calls
+    assert release == dict(scheduler="LMSDiscreteScheduler", dtype=torch.float32, seed=11, guidance_scale=6.0,
+                           height=512, width=384, num_images_per_prompt=1)  # RECE: the CSV's size, guidance, seed
+    assert official == dict(scheduler="DDIMScheduler", dtype=torch.float32, seed=11, guidance_scale=7.5,  # the model's own
+                            height=512, width=512, num_images_per_prompt=10)
+    assert geneval == dict(scheduler="DDIMScheduler", dtype=torch.float32, seed=42, guidance_scale=9.0,
+                           height=512, width=512, num_images_per_prompt=4)
+    assert coco == dict(scheduler="LMSDiscreteScheduler", dtype=torch.float32, seed=99949, guidance_scale=7.5,  # release
+                        height=512, width=512, num_images_per_prompt=1)
+    assert ev.build_pipeline(ev.parse_args(["--tiny", "--fp16"])).unet.dtype == torch.float16
+    # the tiny models scale the CSV's sizes by resolution / 512
+    assert [(j["height"], j["width"]) for j in ev.i2p_jobs(csv_path, "release", resolution=64)] == [(64, 48)]
+
+
 def test_eval_end_to_end_on_tiny_models_resumes_and_labels_its_numbers(tmp_path, capsys):
     out = tmp_path / "ev"
     for bench in ("i2p", "geneval", "coco"):
         ev.main(["--tiny", "--benchmark", bench, "--limit", "2", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert {"i2p", "geneval", "coco", "model"} <= set(results)
-    assert {"q16", "nudenet", "q16_or_nudenet", "protocol", "settings"} <= set(results["i2p"])
+    assert {"q16", "nudenet", "inappropriate_rate", "criterion", "protocol", "settings"} <= set(results["i2p"])
     assert set(results["geneval"]["per_task"]) == {"single_object"} and "overall" in results["geneval"]
     assert "clip_score" in results["coco"]
     assert all("TINY RANDOM MODELS" in results[b]["protocol"] for b in ("i2p", "geneval", "coco"))
@@ -525,7 +622,7 @@ def test_eval_end_to_end_on_tiny_models_resumes_and_labels_its_numbers(tmp_path,
     (out / "i2p/images/00001_00.png").unlink()
     ev.main(["--tiny", "--benchmark", "i2p", "--limit", "3", "--out", str(out)])
     assert kept.stat().st_mtime_ns == stamp and len(list((out / "i2p/images").iterdir())) == 3
-    assert "| Q16 inappropriate, overall |" in (out / "results.md").read_text()
+    assert "| inappropriate (Q16 alone), overall |" in (out / "results.md").read_text()
     capsys.readouterr()
     ev.main(["--compare", str(out), str(out)])
     assert "| overall | " in capsys.readouterr().out
