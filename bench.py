@@ -232,6 +232,19 @@ def bench_scaling(args, device):
     return dict(rows=rows, seconds_per_forward_equivalent=c)
 
 
+def trained_like(*modules, seed=0):
+    """Give random-init modules the non-trivial norm layers of trained weights: at init every norm weight is 1 and
+    every bias 0, which hides precision faults (a bf16 copy of such a layer is exact)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for m in module.modules():
+                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                    m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+    return modules
+
+
 # ---------------------------------------------------------------------------------------------------
 def memory_case(case, full_size, device):
     """Run in a fresh process: peak memory of one training micro-step (1 trajectory: a CFG pair of 2)."""
@@ -245,9 +258,14 @@ def memory_case(case, full_size, device):
         unet.enable_gradient_checkpointing()
     h = unet.config.sample_size
     D = unet.config.cross_attention_dim
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
+    # as train() runs it: on a GPU bf16 autocast and fused AdamW; on the CPU fp32 (halved for bf16 in bench_memory)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6, fused=cuda)
     before = current_memory(device)
-    unet(torch.randn(2, 4, h, h, device=device), torch.tensor([500, 500], device=device), torch.randn(2, 77, D, device=device)).sample.mean().backward()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        loss = unet(torch.randn(2, 4, h, h, device=device), torch.tensor([500, 500], device=device),
+                    torch.randn(2, 77, D, device=device)).sample.float().mean()
+    loss.backward()
     opt.step()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -281,7 +299,7 @@ def bench_memory(args, device):
     p = frozen_params()
     # default config on a GPU: fp32 weights + grads + 2 Adam moments (full), bf16 KL reference and frozen models
     static = dict(unet_weights_grads_adam=16 * p["unet"], kl_reference_bf16=2 * p["unet"],
-                  vae_text_encoder_reward_bf16=2 * (p["vae"] + p["text_encoder"] + p["reward_vit_h_14"]))
+                  vae_text_encoder_bf16=2 * (p["vae"] + p["text_encoder"]), reward_vit_h_14_fp32=4 * p["reward_vit_h_14"])
     # Activations of one trajectory (a CFG pair) with checkpointing: the LoRA case, whose grads and Adam state
     # are negligible (in the full case the optimizer's peak hides them). CPU ran fp32: halved for bf16.
     lora = cases["lora-ckpt"]
@@ -293,6 +311,49 @@ def bench_memory(args, device):
                 largest_micro_batch_24gb=int(budget // act_per_traj) if act_per_traj > 0 else None,
                 note="activations from the process-level measurement of one checkpointed micro-step; on CPU measured "
                      "in fp32 and halved for bf16 (an estimate); the rest is parameter counts x bytes")
+
+
+def gpu_check(args, device):
+    """The acceptance check for the first GPU this project meets: one real step of the default config (full UNet,
+    bf16 autocast, KL on, checkpointing, 512 px, 50 DDIM steps, lr 1e-5, clip 1e-4) on the real SD 1.x / ViT-H-14
+    architectures with random weights, through train() itself. 8 trajectories are sampled in one batch of 8 and
+    trained in micro-batches of 2 (another batch shape: bf16 kernels may differ between shapes), accumulated into
+    ONE optimizer step at the end of the step, so every logged figure is measured before any update."""
+    full = not args.tiny
+    settings = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8", "--train-batch-size", "2",
+                "--gradient-accumulation-steps", "4", "--steps", "1", "--device", device.type, "--save-every", "1000",
+                "--sample-every", "1000", "--output-dir", tempfile.mkdtemp(), "--run-name", "gpu-check"]
+    targs = sd.parse_args((["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", "1e-4"]
+                           if not full else []) + settings)
+    targs.tiny = False  # the models come from sd_parts below, through train()'s own setup
+    real_load = sd.load_models
+    def load_models(_):  # random weights in the real architectures (tiny with --tiny), norms made trained-like
+        m = sd_parts(full)
+        trained_like(m["unet"], m["vae"], m["text_encoder"], m["reward_model"])
+        return m
+    sd.load_models = load_models
+    try:
+        t = time.perf_counter()
+        run = sd.train(targs)
+        seconds = time.perf_counter() - t
+    finally:
+        sd.load_models = real_load
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    checks = [("approx_kl before any update < 1e-6 (else recompute old log-probs at the training batch shape)",
+               row["approx_kl"] < 1e-6, row["approx_kl"]),
+              (f"clipfrac before any update < 0.01 (clip range {targs.clip_range})", row["clipfrac"] < 0.01, row["clipfrac"]),
+              ("KL to the reference before any update < 1e-6", row["kl"] < 1e-6, row["kl"]),
+              ("peak memory <= 22 GiB", row["peak_memory_gb"] <= 22, row["peak_memory_gb"])]
+    per_step = row["seconds"] * 64 / 8  # the default step trains 64 trajectories; this one 8
+    result = dict(device=str(device), full_size=full, row=row, seconds_total=seconds,
+                  estimated_seconds_per_default_step=per_step,
+                  checks=[dict(check=c, passed=bool(ok), value=v) for c, ok, v in checks])
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    for c in result["checks"]:
+        print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['value']:.3g}")
+    print(f"INFO  seconds for this 8-trajectory step: {row['seconds']:.1f}; a default 64-trajectory step: ~{per_step:.0f} s")
+    print(f"wrote {args.out}" + ("" if full else "  (TINY models: mechanics only, not the GPU figures)"))
+    return all(c["passed"] for c in result["checks"])
 
 
 def machine():
@@ -348,6 +409,8 @@ def main():
     mode.add_argument("--full-size", action="store_true", help="real SD 1.x architectures, random weights")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per contender (min/median/max)")
+    ap.add_argument("--gpu-check", action="store_true", help="acceptance check of one real-size default step: "
+                    "approx_kl, clipfrac and KL before any update, peak memory, seconds; PASS/FAIL lines + JSON")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
@@ -355,6 +418,8 @@ def main():
     if args.memory_case:
         print(json.dumps(memory_case(args.memory_case, args.full_size, device)))
         return
+    if args.gpu_check:
+        sys.exit(0 if gpu_check(args, device) else 1)
     # sizes: full-size keeps CPU time bounded (64 px latents are 512 px images)
     res = 512 if args.full_size else 64
     slow = args.full_size and device.type == "cpu"  # one full-size UNet forward+backward takes ~25 s on 2 cores
@@ -371,7 +436,8 @@ def main():
     r["reward"] = bench_reward(m, args, device, res)
     say("4/5 training: grpo_update vs its floor, and one step by phase")
     m.pop("reward_model")  # frees ViT-H's 4 GB before the full-size training step needs the room
-    r["training"] = [bench_training(m if slow else sd_parts(False), args, device, res, kl) for kl in ((0.01,) if slow else (0.0, 0.01))]
+    r["training"] = [bench_training(m if args.full_size else sd_parts(False), args, device, res, kl)
+                     for kl in ((0.01,) if slow else (0.0, 0.01))]
     r["phases"] = bench_phases(args, res) if not args.full_size else dict(seconds=None, phases={})  # needs real weights
     say("5/5 scaling: group size and denoising steps doubled")
     r["scaling"] = bench_scaling(args, device)

@@ -66,7 +66,7 @@ def flag(default, help, **kw):
 class Args:
     # -- models (a field with `group` starts a new heading in --help) --
     model: str = flag("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x repo id or local folder", group="models")
-    reward_model: str = flag("ViT-H-14", "OpenCLIP architecture of the reward encoder")
+    reward_model: str = flag("ViT-H-14", "OpenCLIP architecture, or local-dir:FOLDER / hf-hub:ORG/NAME (config + weights)")
     reward_pretrained: str = flag("laion2b_s32b_b79k", "OpenCLIP pretrained tag or local weights file")
     reward_checkpoint: str = flag("", "state dict loaded strictly into --reward-model (e.g. HPS_v2.1_compressed.pt, the release's)")
     tiny: bool = flag(False, "tiny random models built in code: CPU, no downloads; proves the mechanics, not the paper")
@@ -114,6 +114,7 @@ class Args:
     run_name: str = flag("", "run folder name (default: date-time)")
     resume: str = flag("", "checkpoint folder, or 'latest' = newest complete checkpoint under --output-dir")
     save_every: int = flag(20, "checkpoint every N steps (and at the end)")
+    checkpoints_total_limit: int = flag(3, "keep the newest N checkpoints of the run, 0 = all (a full one is ~10.5 GB)")
     sample_every: int = flag(20, "captioned sample grid every N steps (and at the end)")
     max_nonfinite_steps: int = flag(3, "stop after this many steps in a row with a non-finite reward, loss or gradient")
     wandb: bool = flag(False, "also log to Weights & Biases")
@@ -159,6 +160,7 @@ def check_args(args):
     need(0 <= args.negative_fraction <= 1, f"--negative-fraction must be in [0, 1] (got {args.negative_fraction})")
     need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
     need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0, "--clip-range must be > 0, --kl-coef and --alpha >= 0")
+    need(args.checkpoints_total_limit >= 0, "--checkpoints-total-limit must be >= 0 (0 = keep all)")
     need(min(args.steps, args.prompts_per_step, args.sample_batch_size, args.train_batch_size,
              args.gradient_accumulation_steps, args.save_every, args.sample_every, args.max_nonfinite_steps) >= 1,
          "counts and sizes must be >= 1")
@@ -253,24 +255,53 @@ def load_sd(model):
                              f"tokenizer/, scheduler/): {type(e).__name__}") from None
         raise UsageError(f"cannot load Stable Diffusion '{model}' offline ({type(e).__name__}); download it with "
                          f"`hf download {model} --local-dir models/sd` and pass --model models/sd") from None
+    ignored = [k for k in ("clip_sample", "thresholding") if parts["scheduler"].config.get(k)]
+    if ignored:
+        raise UsageError(f"{model}: its scheduler config sets {' and '.join(ignored)}, which the log-prob DDIM step does "
+                         "not implement; set them to false in scheduler/scheduler_config.json")
     if parts["scheduler"].config.prediction_type != "epsilon":
         raise UsageError(f"{model} predicts '{parts['scheduler'].config.prediction_type}'; only epsilon (SD 1.x) models are supported")
     return parts
 
 
 def load_reward_model(arch, pretrained, checkpoint=""):
-    """OpenCLIP encoder; with `checkpoint` (e.g. HPSv2.1) its state dict is loaded strictly into `arch`."""
+    """OpenCLIP encoder: `arch` + `pretrained` (a tag or weights file), or one of OpenCLIP's self-describing names
+    `local-dir:FOLDER` / `hf-hub:ORG/NAME` (open_clip_config.json + weights, the layout of the OpenCLIP repos on
+    the hub). With `checkpoint` (e.g. HPSv2.1's) its state dict is loaded strictly into the built model."""
+    import pickle
     import open_clip
+    named = arch.startswith(("local-dir:", "hf-hub:"))
+    if arch.startswith("local-dir:"):
+        folder = Path(arch[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise UsageError(f"--reward-model {arch}: no open_clip_config.json in {folder}")
+        if not checkpoint and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise UsageError(f"--reward-model {arch}: no weights (open_clip_model.safetensors or "
+                             f"open_clip_pytorch_model.bin) in {folder}")
     try:
-        model = open_clip.create_model(arch, pretrained=None if checkpoint else pretrained)
-        if checkpoint:
+        model = open_clip.create_model(arch, pretrained=None if checkpoint or named else pretrained,
+                                       load_weights=not checkpoint)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UsageError(f"cannot load reward model {arch} {'' if named else repr(pretrained)} ({type(e).__name__}); "
+                         "download the OpenCLIP weights (e.g. `hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K "
+                         "--local-dir models/vit-h-14`) and pass --reward-model local-dir:models/vit-h-14") from None
+    if checkpoint:
+        try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state), strict=True)
-    except (OSError, RuntimeError, FileNotFoundError) as e:
-        what = checkpoint or f"{arch} '{pretrained}'"
-        raise UsageError(f"cannot load reward model {what} ({type(e).__name__}); download the OpenCLIP weights "
-                         "(e.g. open_clip_pytorch_model.bin of laion/CLIP-ViT-H-14-laion2B-s32B-b79K) and pass "
-                         "--reward-pretrained /path/to/file, or --reward-checkpoint for HPSv2.1") from None
+        except FileNotFoundError:
+            raise UsageError(f"--reward-checkpoint {checkpoint}: file not found") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise UsageError(f"--reward-checkpoint {checkpoint}: not a state dict checkpoint (HPSv2 saves "
+                             f"{{'state_dict': ...}}; this file holds other objects: {str(e).splitlines()[0][:80]})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else {}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError:  # shapes differ
+            missing, unexpected = ["(shapes differ)"], []
+        if missing or unexpected:
+            raise UsageError(f"--reward-checkpoint {checkpoint} does not fit --reward-model {arch}: {len(missing)} "
+                             f"weights missing or misshapen, {len(unexpected)} unexpected (HPSv2.1 is a ViT-H-14 "
+                             "checkpoint)")
     return model.eval(), open_clip.get_tokenizer(arch)
 
 
@@ -517,10 +548,11 @@ def trainable_state(unet):
     return {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir, step, unet, optimizer, generator, rank=0, world=1):
+def save_checkpoint(run_dir, step, unet, optimizer, generator, rank=0, world=1, keep=0):
     """run_dir/checkpoints/checkpoint-<step>/{weights.safetensors, state.pt}. The rename is atomic, so a
     folder with the final name is always complete, whatever killed the process. Under torchrun every rank's
-    RNG state is gathered (each draws its own prompts) and rank 0 writes."""
+    RNG state is gathered (each draws its own prompts) and rank 0 writes. `keep` > 0: the newest `keep`
+    checkpoints stay, older ones are deleted once the new one is complete (diffusers' --checkpoints-total-limit)."""
     from safetensors.torch import save_file
     states = [generator.get_state()]
     if world > 1:
@@ -536,6 +568,9 @@ def save_checkpoint(run_dir, step, unet, optimizer, generator, rank=0, world=1):
     torch.save(dict(step=step, optimizer=optimizer.state_dict(), generators=states), tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    done = sorted(p for p in final.parent.glob("checkpoint-*") if not p.name.endswith(".tmp"))
+    for old in done[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -618,10 +653,23 @@ def setup_unet(unet, args, dtype):
                 p.data = p.data.float()
         return None
     unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
-    if args.kl_coef == 0:
-        return None
-    ref_unet = copy.deepcopy(unet).requires_grad_(False)
-    return ref_unet.to(dtype) if dtype != torch.float32 else ref_unet
+    return frozen_reference(unet, dtype) if args.kl_coef > 0 else None
+
+
+def frozen_reference(unet, dtype):
+    """A frozen copy of the fp32 policy that predicts exactly what the policy predicts under `dtype` autocast.
+
+    Autocast casts the policy's fp32 weights to `dtype` for convolutions, linears and attention: storing those
+    in `dtype` gives the same values at half the memory. But it runs GroupNorm / LayerNorm in fp32 with the
+    fp32 weights, so those stay fp32 here (a few KB): a copy wholly in bf16 rounds trained norm weights and
+    gave KL ~0.6 before any update (random init hides it: norm weights are exactly 1 and 0).
+    """
+    ref = copy.deepcopy(unet).requires_grad_(False)
+    for module in ref.modules():
+        if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+    return ref
 
 
 @contextlib.contextmanager
@@ -696,10 +744,10 @@ def grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages, 
                 all_mean(p.grad, world)
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if torch.isfinite(norm) or args.mixed_precision == "fp16":  # fp16: GradScaler skips and rescales itself
+            if torch.isfinite(norm):
                 scaler.step(optimizer)
                 grad_norms.append(norm.item())
-            else:
+            else:  # skipped; under fp16, update() also lowers the loss scale (unscale_ recorded the inf)
                 skipped += 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -739,7 +787,10 @@ def train(args, reward_fn=None):
         unet.enable_gradient_checkpointing()
     for name in ("vae", "text_encoder", "reward_model"):
         models[name].requires_grad_(False).to(device)
-        if dtype != torch.float32:  # frozen models are only ever run, so store them in the autocast dtype
+        # Frozen models are only ever run, so the VAE and text encoder are stored in the autocast dtype. The reward
+        # model stays fp32 under autocast, as in the release: stored in bf16 its rewards carried 6x the error, noise
+        # added to every advantage (+1.9 GiB for ViT-H-14).
+        if dtype != torch.float32 and name != "reward_model":
             models[name].to(dtype)
     if ref_unet is not None:
         ref_unet.to(device)
@@ -820,14 +871,18 @@ def train(args, reward_fn=None):
             # ================= REWARD and ADVANTAGE (per group) =================
             prompts_rep = [p for p in prompts for _ in range(G)]
             # Scored in chunks of the sampling batch: the reward model's activations stay bounded at any B.
-            rewards = torch.cat([reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)]).float().cpu()
+            with autocast():
+                rewards = torch.cat([reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)]).float().cpu()
             advantages = group_advantages(rewards, G, args.adv_clip_max).to(device)
             marks.append(clock())
             # ================= TRAIN =================
             # a non-finite reward makes every gradient non-finite, and grpo_update skips those optimizer steps
             infos, grad_norms, skipped = grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages,
                                                      negative_embeds, args, gen, autocast, world)
-            bad_steps = bad_steps + 1 if skipped else 0
+            # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing gradient
+            # with a finite loss is the loss scale settling (GradScaler lowers it), not divergence.
+            nonfinite = not torch.isfinite(rewards).all() or not all(math.isfinite(i["policy_loss"] + i["kl"]) for i in infos)
+            bad_steps = bad_steps + 1 if nonfinite or (skipped and args.mixed_precision != "fp16") else 0
             marks.append(clock())
             # ================= LOG =================
             everyone = [rewards.to(device) for _ in range(world)]  # every process's rewards, for the log
@@ -847,7 +902,7 @@ def train(args, reward_fn=None):
             if rank == 0 and ((step + 1) % args.sample_every == 0 or done):
                 sample_grid(run_dir / f"samples_{step + 1:06d}.png", unet, models, grid_prompts, args, autocast)
             if (step + 1) % args.save_every == 0 or done:
-                save_checkpoint(run_dir, step + 1, unet, optimizer, gen, rank, world)
+                save_checkpoint(run_dir, step + 1, unet, optimizer, gen, rank, world, args.checkpoints_total_limit)
             marks.append(clock())
             row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
                        zip(("sample", "decode", "reward", "train", "save"), marks, marks[1:])})

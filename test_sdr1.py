@@ -4,6 +4,7 @@ The maths is checked against the libraries (diffusers' DDIMScheduler, torch.dist
 against hand-computed vectors; the loop end to end (it learns, resume is exact); the CLI as a user
 runs it. Run: pytest -q test_sdr1.py
 """
+import copy
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from torch.distributions import Normal, kl_divergence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import safediffusion_r1 as sd  # noqa: E402
+from bench import trained_like  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Smallest settings that still exercise every phase: 2 prompts x group 4, 4 DDIM steps, 2 optimizer steps.
@@ -335,6 +337,55 @@ def test_only_trainable_parameters_change_and_the_reference_stays(tiny, lora_ran
         assert not any(p.requires_grad for p in ref_unet.parameters())
 
 
+@pytest.mark.parametrize("perturb_reference", [False, True])
+def test_grpo_update_before_any_step_ratio_one_kl_exact_and_everything_aligned(monkeypatch, perturb_reference):
+    """Inside grpo_update, under bf16 autocast with trained-like weights: every loss term is computed before the one
+    optimizer step, so approx_kl and clipfrac are 0 and the KL is 0 while the reference equals the policy; each term
+    pairs x_t, x_{t-1}, its old log-prob, its advantage and the reference's KL of the same trajectory and timestep."""
+    m = sd.build_tiny_models(seed=0)
+    trained_like(m["unet"], m["text_encoder"])
+    args = sd.parse_args(SMALL + ["--mixed-precision", "bf16", "--kl-coef", "0.1", "--sample-batch-size", "8",
+                                  "--train-batch-size", "2", "--gradient-accumulation-steps", "4"])
+    unet, sch = m["unet"], m["scheduler"]
+    torch.manual_seed(0)
+    ref_unet = sd.setup_unet(unet, args, torch.bfloat16)
+    if perturb_reference:
+        with torch.no_grad():
+            next(p for p in ref_unet.parameters() if p.dtype == torch.bfloat16).add_(0.05)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    enc = lambda p: sd.encode_prompts(m["tokenizer"], m["text_encoder"], p)  # noqa: E731
+    embeds, neg = enc(["a cat", "a dog"]).repeat_interleave(4, 0), enc([""])
+    traj = sd.sample_with_logprob(unet, sch, embeds, neg, num_inference_steps=4, guidance_scale=4.5, resolution=64,
+                                  generator=torch.Generator().manual_seed(0), autocast=autocast)
+    advantages = torch.linspace(-1, 1, 8)
+    calls, real_loss = [], sd.grpo_loss
+    monkeypatch.setattr(sd, "grpo_loss", lambda *a, **k: calls.append(a) or real_loss(*a, **k))
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
+    policy0 = copy.deepcopy(unet).eval()  # the policy before its update, for the independent KL
+    infos, norms, skipped = sd.grpo_update(unet, ref_unet, sch, opt, torch.amp.GradScaler("cpu", enabled=False), traj,
+                                           advantages, neg, args, torch.Generator().manual_seed(1), autocast)
+    assert len(infos) == 8 // 2 * 3 and len(norms) == 1 and skipped == 0  # 4 micro-batches x 3 timesteps, 1 step
+    assert max(i["approx_kl"] for i in infos) < 1e-12 and max(i["clipfrac"] for i in infos) == 0
+    if not perturb_reference:
+        assert all(i["kl"] == 0 for i in infos)  # the reference predicts exactly what the policy does
+    seen = set()
+    for log_prob, old_log_prob, adv, _, kl, *_ in calls:
+        for k in range(len(old_log_prob)):
+            (b, j), = (traj["log_probs"] == old_log_prob[k]).nonzero().tolist()  # which trajectory and timestep
+            seen.add((b, j))
+            assert adv[k] == advantages[b] and j < 3  # its own advantage; the last step is never trained
+            if perturb_reference:  # the KL of this (b, j), computed independently with torch.distributions
+                x, t, x_next = traj["latents"][b:b + 1, j], traj["timesteps"][b:b + 1, j], traj["next_latents"][b:b + 1, j]
+                dists = []
+                for net in (policy0, ref_unet):
+                    with torch.no_grad(), autocast():
+                        eps = sd.guided_eps(net, x, t, embeds[b:b + 1], neg, 4.5)
+                    _, _, mean, std = sd.ddim_step_with_logprob(sch, eps, t, x, 1.0, x_next)
+                    dists.append(Normal(mean, std.expand_as(mean)))
+                expected = kl_divergence(*dists).mean()
+                assert expected > 0
+                torch.testing.assert_close(kl[k], expected, rtol=1e-4, atol=1e-9)
+    assert len(seen) == 8 * 3  # every kept (trajectory, timestep) trained exactly once
 def test_cli_end_to_end_and_the_export_loads_in_a_stock_pipeline(tmp_path, tiny):
     out = tmp_path / "runs"
     proc = subprocess.run([sys.executable, str(HERE / "safediffusion_r1.py"), "--tiny", "--steps", "2", "--output-dir", str(out)],
@@ -373,6 +424,130 @@ def test_lora_run_exports_weights_that_load_lora_weights_accepts(tmp_path):
     assert len(loaded) == len(saved) > 0
     assert sorted(round(p.double().sum().item(), 4) for p in loaded.values()) == \
         sorted(round(p.double().sum().item(), 4) for p in saved.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Real on-disk formats: tiny stand-ins saved the way the real files are laid out, with trained-like weights
+# ------------------------------------------------------------------------------------------------
+# SD 1.4's own model_index.json and scheduler_config.json (a PNDM config), as on the hub.
+SD14_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.2.2",
+              "feature_extractor": ["transformers", "CLIPImageProcessor"],
+              "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+              "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+              "vae": ["diffusers", "AutoencoderKL"]}
+SD14_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.2.2", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}
+TINY_CLIP_CFG = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
+                     text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+
+
+@pytest.fixture(scope="module")
+def real_format(tmp_path_factory):
+    """{sd: a diffusers SD 1.4 folder, clip: an OpenCLIP local-dir folder, hps: an HPSv2-format checkpoint}."""
+    import open_clip
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPImageProcessor
+    root = tmp_path_factory.mktemp("real_format")
+    m = sd.build_tiny_models(seed=3)
+    trained_like(m["unet"], m["vae"], m["text_encoder"], m["reward_model"])
+    folder = root / "sd-v1-4"
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        m[name].save_pretrained(folder / name)
+    (folder / "tokenizer/tokenizer.json").unlink(missing_ok=True)  # SD 1.4 ships the four slow-tokenizer files
+    vae_cfg = json.loads((folder / "vae/config.json").read_text())
+    vae_cfg.pop("scaling_factor", None)  # SD 1.4's VAE config predates it (diffusers falls back to 0.18215)
+    (folder / "vae/config.json").write_text(json.dumps(vae_cfg))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler/scheduler_config.json").write_text(json.dumps(SD14_SCHEDULER))
+    (folder / "model_index.json").write_text(json.dumps(SD14_INDEX))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(folder / "feature_extractor")
+    tiny_clip = dict(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1)
+    StableDiffusionSafetyChecker(CLIPConfig(text_config=tiny_clip, projection_dim=32, vision_config=dict(
+        tiny_clip, image_size=32, patch_size=8))).save_pretrained(folder / "safety_checker")
+    clip_dir = root / "clip"
+    clip_dir.mkdir()
+    (clip_dir / "open_clip_config.json").write_text(json.dumps(dict(
+        model_cfg=TINY_CLIP_CFG, preprocess_cfg=dict(mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD))))
+    save_file(m["reward_model"].state_dict(), clip_dir / "open_clip_model.safetensors")
+    hps = root / "HPS_v2.1_like.pt"  # HPSv2's save format: the unwrapped model's state dict beside training state
+    torch.save(dict(iterations=10, name="hps", state_dict=m["reward_model"].state_dict(), optimizer={"state": {}},
+                    scaler={"scale": 65536.0, "_growth_tracker": 0}), hps)
+    return dict(sd=folder, clip=clip_dir, hps=hps, models=m)
+
+
+def test_real_format_loaders_give_back_the_saved_models(real_format):
+    from diffusers import StableDiffusionPipeline
+    parts = sd.load_sd(str(real_format["sd"]))
+    assert type(parts["scheduler"]).__name__ == "DDIMScheduler" and parts["scheduler"].config.steps_offset == 1
+    assert parts["vae"].config.scaling_factor == 0.18215
+    saved = real_format["models"]
+    assert all(torch.equal(a, b) for a, b in zip(parts["unet"].state_dict().values(), saved["unet"].state_dict().values()))
+    model, tokenizer = sd.load_reward_model(f"local-dir:{real_format['clip']}", "ignored")
+    for k, v in saved["reward_model"].state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert tuple(model.visual.image_mean) == tuple(saved["reward_model"].visual.image_mean)
+    assert tokenizer(["a red circle"]).shape == (1, 77)
+    hps_model, _ = sd.load_reward_model(f"local-dir:{real_format['clip']}", "", str(real_format["hps"]))
+    assert all(torch.equal(hps_model.state_dict()[k], v) for k, v in saved["reward_model"].state_dict().items())
+    pipe = StableDiffusionPipeline.from_pretrained(real_format["sd"])  # a stock pipeline accepts the whole folder
+    assert pipe.safety_checker is not None and type(pipe.scheduler).__name__ == "PNDMScheduler"
+
+
+def test_reward_model_and_scheduler_faults_are_one_line(real_format, tmp_path):
+    import pickle
+    bad = tmp_path / "bad.pt"
+    with open(bad, "wb") as f:  # a pickle of something that is not a state dict (weights_only refuses it)
+        pickle.dump(argparse_namespace(), f)
+    cases = [("local-dir:" + str(real_format["clip"]), str(bad), "not a state dict checkpoint"),
+             ("ViT-B-32", str(real_format["hps"]), "does not fit --reward-model ViT-B-32"),
+             ("local-dir:" + str(tmp_path), "", "no open_clip_config.json"),
+             ("ViT-B-32", str(tmp_path / "missing.pt"), "file not found")]
+    for arch, ckpt, message in cases:
+        with pytest.raises(sd.UsageError, match=message):
+            sd.load_reward_model(arch, "", ckpt)
+    (tmp_path / "open_clip_config.json").write_text((real_format["clip"] / "open_clip_config.json").read_text())
+    with pytest.raises(sd.UsageError, match="no weights"):
+        sd.load_reward_model("local-dir:" + str(tmp_path), "")
+    import shutil
+    folder = tmp_path / "sd"
+    shutil.copytree(real_format["sd"], folder)
+    cfg = dict(SD14_SCHEDULER, clip_sample=True)
+    (folder / "scheduler/scheduler_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(sd.UsageError, match="clip_sample"):
+        sd.load_sd(str(folder))
+
+
+def argparse_namespace():
+    import argparse
+    return argparse.Namespace(weights=1)
+
+
+def test_training_resume_export_and_eval_run_through_the_real_formats(real_format, tmp_path):
+    """The CLI as a user runs it on downloaded folders: no --tiny, real loaders, bf16, KL on, checkpoint limit."""
+    common = ["--model", str(real_format["sd"]), "--reward-model", f"local-dir:{real_format['clip']}",
+              "--reward-checkpoint", str(real_format["hps"]), "--resolution", "64", "--num-inference-steps", "3",
+              "--prompts-per-step", "2", "--group-size", "2", "--sample-batch-size", "4", "--train-batch-size", "2",
+              "--gradient-accumulation-steps", "2", "--mixed-precision", "bf16", "--no-gradient-checkpointing",
+              "--save-every", "1", "--sample-every", "100", "--checkpoints-total-limit", "2", "--device", "cpu",
+              "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]
+    for extra in (["--steps", "3"], ["--steps", "4", "--resume", "latest"]):
+        out = subprocess.run([sys.executable, str(HERE / "safediffusion_r1.py")] + common + extra, capture_output=True,
+                             text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    run = tmp_path / "runs/r"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[0]["kl"] == 0 and rows[0]["approx_kl"] < 1e-12
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-000003", "checkpoint-000004"]
+    args = ev.parse_args(["--model", str(real_format["sd"]), "--unet", str(run / "final"), "--resolution", "64",
+                          "--num-inference-steps", "2", "--device", "cpu"])
+    pipe = ev.build_pipeline(args)
+    jobs = ev.coco_jobs(HERE / "prompts/coco_3k.csv", limit=1, resolution=64)
+    ev.generate(pipe, jobs, tmp_path / "coco", tmp_path / "manifest.jsonl", steps=2)
+    assert (tmp_path / "coco" / jobs[0]["files"][0]).is_file()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -730,17 +905,20 @@ def test_sigkill_mid_run_then_resume_latest_matches_an_uninterrupted_run(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_reward_skips_updates_then_stops_with_the_last_checkpoint_intact(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["no", "fp16"])  # fp16: GradScaler's own skipping must not hide it
+def test_nan_reward_skips_updates_then_stops_with_the_last_checkpoint_intact(tmp_path, capsys, precision):
     calls = []
 
     def flaky(images, prompts):  # fine for 2 steps, then NaN forever
         calls.append(1)
         return brightness(images, prompts) * (float("nan") if len(calls) > 2 else 1.0)
     with pytest.raises(RuntimeError, match="non-finite"):
-        sd.train(small_args(tmp_path, "--steps", "10", "--save-every", "2", "--max-nonfinite-steps", "3"), reward_fn=flaky)
+        sd.train(small_args(tmp_path, "--steps", "10", "--save-every", "2", "--max-nonfinite-steps", "3",
+                            "--mixed-precision", precision), reward_fn=flaky)
     (run_dir,) = (tmp_path / "runs").iterdir()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["skipped_updates"] > 0
+    assert not any(r["grad_norm"] == float("inf") for r in rows)  # a skipped update logs no norm
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["checkpoint-000002", "checkpoint-000004"]
     w2, w4 = trainable(run_dir, 2), trainable(run_dir, 4)
