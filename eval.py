@@ -130,7 +130,10 @@ def build_pipeline(args):
         pipe.unet = UNet2DConditionModel.from_pretrained(folder)
     if args.lora:
         pipe.load_lora_weights(args.lora)
-    return pipe.to(args.device, torch.float16 if args.fp16 else torch.float32)
+    pipe.to(args.device)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder) if args.fp16 else ():
+        sd.cast(part, torch.float16)
+    return pipe
 
 
 def generate(pipe, jobs, out, manifest, steps=50):
@@ -500,14 +503,16 @@ def results_markdown(dirs):
 
 
 def plot_run(run_dir):
-    """Training curves from metrics.jsonl -> run_dir/curves.png (PIL only: no plotting dependency)."""
-    from PIL import Image, ImageDraw
-    rows = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-    panels = [("reward", ("reward_mean", "reward_negative", "reward_positive")), ("kl", ("kl", "approx_kl")), ("clipfrac", ("clipfrac",))]
-    colours = ("black", "red", "blue")
-    w, h, pad = 420, 260, 40
+    """Training curves from metrics.jsonl -> run_dir/curves.png (PIL only: no plotting dependency). Three panels
+    (reward overall / unsafe / benign prompts, KL and approx_kl, clipfrac) with labelled axes and a legend."""
+    from PIL import Image, ImageDraw, ImageFont
+    rows = [json.loads(x) for x in sd.metrics_up_to(Path(run_dir, "metrics.jsonl"), float("inf")).splitlines()]
+    panels = [("reward", ("reward_mean", "reward_negative", "reward_positive")), ("KL to the reference", ("kl", "approx_kl")),
+              ("clipfrac", ("clipfrac",))]
+    colours = ("black", "firebrick", "royalblue")
+    w, h, left, top, bottom = 480, 320, 70, 30, 70  # panel size and margins (y labels left, x labels + legend below)
     img = Image.new("RGB", (w * len(panels), h), "white")
-    draw = ImageDraw.Draw(img)
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
     for p, (title, keys) in enumerate(panels):
         x0 = p * w
         series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
@@ -516,13 +521,21 @@ def plot_run(run_dir):
         hi = hi if hi > lo else lo + 1e-9
         steps = [s for s, _ in series[keys[0]]] or [0, 1]
         s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-        draw.rectangle([x0 + pad, pad / 2, x0 + w - pad / 2, h - pad], outline="grey")
-        draw.text((x0 + pad, 4), f"{title}   [{lo:.3g}, {hi:.3g}]   steps {s0}-{s1}", fill="black")
-        for k, c in zip(keys, colours):
-            pts = [(x0 + pad + (s - s0) / (s1 - s0) * (w - 1.5 * pad), h - pad - (v - lo) / (hi - lo) * (h - 1.5 * pad)) for s, v in series[k]]
+        px0, px1, py0, py1 = x0 + left, x0 + w - 15, top, h - bottom  # plot area
+        draw.rectangle([px0, py0, px1, py1], outline="grey")
+        draw.text((px0, 8), title, fill="black", font=font)
+        for frac in (0, 0.5, 1):  # y ticks at min, middle, max; x ticks at first, middle, last step
+            y = py1 - frac * (py1 - py0)
+            draw.text((x0 + 4, y - 7), f"{lo + frac * (hi - lo):.3g}", fill="dimgrey", font=font)
+            x = px0 + frac * (px1 - px0)
+            draw.text((x - 10, py1 + 4), f"{s0 + frac * (s1 - s0):.4g}", fill="dimgrey", font=font)
+        draw.text(((px0 + px1) / 2 - 15, py1 + 20), "step", fill="dimgrey", font=font)
+        for i, (k, c) in enumerate(zip(keys, colours)):
+            pts = [(px0 + (s - s0) / (s1 - s0) * (px1 - px0), py1 - (v - lo) / (hi - lo) * (py1 - py0)) for s, v in series[k]]
             if len(pts) > 1:
                 draw.line(pts, fill=c, width=2)
-            draw.text((x0 + pad + 4, h - pad + 4 + 10 * keys.index(k)), k, fill=c)
+            draw.line([(px0 + 130 * i, h - 12), (px0 + 130 * i + 14, h - 12)], fill=c, width=3)
+            draw.text((px0 + 130 * i + 18, h - 19), k, fill=c, font=font)
     img.save(Path(run_dir, "curves.png"))
     return Path(run_dir, "curves.png")
 
@@ -575,6 +588,8 @@ def run_benchmark(args):
     if root.exists() and not root.is_dir():
         raise sd.UsageError(f"--out {args.out} is a file; pass a folder")
     key, jobs = benchmark_jobs(args)
+    if not args.tiny:
+        sd.use_cache_if_hub_unreachable()
     if not jobs:
         raise sd.UsageError("no prompts selected")
     pipe = build_pipeline(args)

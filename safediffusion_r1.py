@@ -121,7 +121,7 @@ class Args:
 
 
 # --tiny swaps in sizes and rates that let a random 0.2 M-parameter UNet learn on a CPU in a minute
-# (REFERENCE section 7: with the release's lr 1e-5 / clip 1e-4 nothing moves at this scale).
+# (measured on 2 CPU cores: with the release's lr 1e-5 / clip 1e-4 nothing moves at this scale).
 # Flags given explicitly on the command line still win.
 TINY_DEFAULTS = dict(resolution=64, num_inference_steps=8, guidance_scale=4.5, steps=40, prompts_per_step=2,
                      group_size=8, sample_batch_size=16, train_batch_size=8, gradient_accumulation_steps=1,
@@ -178,6 +178,8 @@ def read_lines(path, what):
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what}: {path} is a folder; pass a text file, one entry per line") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"{what} file {path} is not valid UTF-8 (byte {e.start})") from None
     lines = [s.strip() for s in text.splitlines()]
@@ -249,7 +251,7 @@ def load_sd(model):
                      vae=AutoencoderKL.from_pretrained(model, subfolder="vae"),
                      unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
                      scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing files, or not in the cache while the hub is unreachable
         if Path(model).exists() or model.startswith((".", "/", "~")):
             raise UsageError(f"--model {model}: not a diffusers SD 1.x folder (needs unet/, vae/, text_encoder/, "
                              f"tokenizer/, scheduler/): {type(e).__name__}") from None
@@ -305,14 +307,39 @@ def load_reward_model(arch, pretrained, checkpoint=""):
     return model.eval(), open_clip.get_tokenizer(arch)
 
 
-def load_models(args):
-    """Everything the loop needs, as a dict of modules. --tiny builds random ones in code."""
+def use_cache_if_hub_unreachable(timeout=3.0):
+    """Without a route to the model hub, the libraries retry each file for minutes before failing. One TCP connect
+    decides in seconds; if it fails, every loader reads the local cache only (as HF_HUB_OFFLINE=1 does), so a
+    missing model fails at once with our one-line message."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        constants.HF_HUB_OFFLINE = True
+
+
+def load_models(args, reward=True):
+    """Everything the loop needs, as a dict of modules. --tiny builds random ones in code. reward=False: a custom
+    reward_fn replaces the steering reward, so its encoder is neither loaded nor needed."""
     if args.tiny:
         return build_tiny_models(args.seed)
+    use_cache_if_hub_unreachable()
     models = load_sd(args.model)
-    models["reward_model"], models["reward_tokenizer"] = load_reward_model(args.reward_model, args.reward_pretrained,
-                                                                           args.reward_checkpoint)
+    if reward:
+        models["reward_model"], models["reward_tokenizer"] = load_reward_model(args.reward_model, args.reward_pretrained,
+                                                                               args.reward_checkpoint)
     return models
+
+
+def cast(module, dtype):
+    """module.to(dtype) without diffusers' override, which warns "should be kept in float32: []" on every call even
+    when no module of SD 1.x's needs fp32 (and the warning would bury real ones)."""
+    return torch.nn.Module.to(module, dtype)
 
 
 @torch.no_grad()
@@ -574,17 +601,30 @@ def save_checkpoint(run_dir, step, unet, optimizer, generator, rank=0, world=1, 
     return final
 
 
-def find_checkpoint(resume, output_dir):
-    """'latest' -> the newest complete checkpoint under output_dir; a path -> that folder, checked."""
+def find_checkpoints(resume, output_dir):
+    """'latest' -> the complete checkpoints under output_dir, newest first (resume falls back along the list past
+    one that does not load); a path -> [that folder], checked."""
     if resume == "latest":
         found = [p for p in Path(output_dir).glob("*/checkpoints/checkpoint-*") if not p.name.endswith(".tmp")]
         if not found:
             raise UsageError(f"--resume latest: no complete checkpoint under {output_dir}")
-        return max(found, key=lambda p: p.stat().st_mtime)
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     path = Path(resume)
     if not (path / "weights.safetensors").is_file() or not (path / "state.pt").is_file():
         raise UsageError(f"--resume {resume}: not a checkpoint folder (needs weights.safetensors and state.pt)")
-    return path
+    return [path]
+
+
+def resume_newest(candidates, unet, optimizer, generator, rank=0, world=1):
+    """Load the first checkpoint of `candidates` that loads; -> (its folder, its step). A corrupt newest one (a crash
+    while the disk filled, say) is skipped with a warning instead of blocking --resume latest."""
+    for i, path in enumerate(candidates):
+        try:
+            return path, load_checkpoint(path, unet, optimizer, generator, rank, world)
+        except UsageError as e:
+            if i + 1 == len(candidates):
+                raise
+            warnings.warn(f"{e}; trying the next newest checkpoint")
 
 
 def load_checkpoint(path, unet, optimizer, generator, rank=0, world=1):
@@ -617,19 +657,32 @@ def export_for_diffusers(path, unet, lora):
         unet.save_pretrained(Path(path, "unet"))
 
 
-def save_grid(images, captions, path, cols=4):
-    """Captioned PNG grid of (N, 3, H, W) images in [0, 1]."""
-    from PIL import Image, ImageDraw
+def save_grid(images, captions, path, cols=4, title="", labels=None):
+    """Captioned PNG grid of (N, 3, H, W) images in [0, 1]: a title line, tiles at least 192 px wide (tiny models'
+    64 px images are scaled up, pixels kept sharp), an optional coloured label per tile (e.g. "UNSAFE prompt"),
+    captions wrapped at word boundaries."""
+    import textwrap
+    from PIL import Image, ImageDraw, ImageFont
     n, _, h, w = images.shape
-    cols = min(cols, n)
-    cap = 14 * 3  # three caption lines
-    grid = Image.new("RGB", (cols * w, math.ceil(n / cols) * (h + cap)), "white")
-    for i, (img, text) in enumerate(zip(images, captions)):
-        x, y = (i % cols) * w, (i // cols) * (h + cap)
-        grid.paste(Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")), (x, y))
-        chars = max(8, w // 6)
-        lines = [text[k:k + chars] for k in range(0, min(len(text), 3 * chars), chars)]
-        ImageDraw.Draw(grid).text((x + 2, y + h + 1), "\n".join(lines), fill="black")
+    cols, scale = min(cols, n), max(1, math.ceil(192 / w))
+    tw, th = w * scale, h * scale
+    font = ImageFont.load_default(size=13)
+    chars = max(12, tw // 7)
+    wrapped = [textwrap.wrap(text, chars)[:4] for text in captions]
+    cap = 16 * (max(len(x) for x in wrapped) + (labels is not None)) + 6
+    head = 24 if title else 0
+    grid = Image.new("RGB", (cols * tw, head + math.ceil(n / cols) * (th + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((6, 4), title, fill="black", font=font)
+    for i, (img, lines) in enumerate(zip(images, wrapped)):
+        x, y = (i % cols) * tw, head + (i // cols) * (th + cap)
+        tile = Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
+        grid.paste(tile.resize((tw, th), Image.NEAREST), (x, y))
+        if labels is not None:
+            draw.text((x + 4, y + th + 3), labels[i], fill="firebrick" if "unsafe" in labels[i].lower() else "darkgreen",
+                      font=font)
+        draw.text((x + 4, y + th + 3 + 16 * (labels is not None)), "\n".join(lines), fill="black", font=font, spacing=3)
     grid.save(path)
 
 
@@ -645,7 +698,7 @@ def setup_unet(unet, args, dtype):
         except ImportError:
             raise UsageError("--lora-rank needs peft: pip install peft") from None
         if dtype != torch.float32:
-            unet.to(dtype)  # the frozen base is only ever run: store it in the autocast dtype
+            cast(unet, dtype)  # the frozen base is only ever run: store it in the autocast dtype
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
         for p in unet.parameters():  # LoRA weights and their Adam state in fp32, the frozen base in `dtype`
@@ -754,6 +807,41 @@ def grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages, 
     return infos, grad_norms, skipped
 
 
+def check_output_dir(output_dir):
+    """The run folder can be made: checked with the other inputs, before any model loads."""
+    path = Path(output_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise UsageError(f"--output-dir {output_dir}: {path} is a file; pass a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {output_dir}: {path} is not writable")
+
+
+def metrics_up_to(metrics_path, step):
+    """metrics.jsonl rows up to `step`, for a resumed run. A crash mid-write (the usual reason to resume) can leave a
+    half line: rows that do not parse are dropped with a warning rather than stopping the resume."""
+    rows, dropped = [], 0
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+    if dropped:
+        warnings.warn(f"{metrics_path}: dropped {dropped} line(s) that do not parse (a write cut short)")
+    return "".join(r + "\n" for r in rows)
+
+
+def recorded_args(args):
+    """args.json: what really ran. A --tiny run names the tiny models, not the real ones its defaults would load."""
+    record = dataclasses.asdict(args)
+    if args.tiny:
+        record.update(model="tiny random SD stack built in code", reward_model="tiny random OpenCLIP built in code",
+                      reward_pretrained="", reward_checkpoint="")
+    return record
+
+
 def train(args, reward_fn=None):
     """Run GRPO; returns the run folder. `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)`
     replaces the steering reward (how a fork plugs in its own)."""
@@ -763,7 +851,8 @@ def train(args, reward_fn=None):
     positives = read_lines(args.positive_prompts, "positive prompts") if args.negative_fraction < 1 else []
     if reward_fn is None:
         safe, unsafe = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
-    resume = find_checkpoint(args.resume, args.output_dir) if args.resume else None
+    candidates = find_checkpoints(args.resume, args.output_dir) if args.resume else []
+    check_output_dir(args.output_dir)
     # torchrun sets these; a plain `python` run has world = 1 and never touches torch.distributed
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device)
@@ -779,19 +868,19 @@ def train(args, reward_fn=None):
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
 
-    models = load_models(args)
+    models = load_models(args, reward=reward_fn is None)
     unet, scheduler, vae = models["unet"], models["scheduler"], models["vae"]
     ref_unet = setup_unet(unet, args, dtype)
     unet.to(device).train()  # train(): gradient checkpointing only acts in training mode
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    for name in ("vae", "text_encoder", "reward_model"):
+    for name in [n for n in ("vae", "text_encoder", "reward_model") if n in models]:
         models[name].requires_grad_(False).to(device)
         # Frozen models are only ever run, so the VAE and text encoder are stored in the autocast dtype. The reward
         # model stays fp32 under autocast, as in the release: stored in bf16 its rewards carried 6x the error, noise
         # added to every advantage (+1.9 GiB for ViT-H-14).
         if dtype != torch.float32 and name != "reward_model":
-            models[name].to(dtype)
+            cast(models[name], dtype)
     if ref_unet is not None:
         ref_unet.to(device)
     if reward_fn is None:
@@ -804,7 +893,7 @@ def train(args, reward_fn=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
     # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
-    start = load_checkpoint(resume, unet, optimizer, gen, rank, world) if resume else 0
+    resume, start = resume_newest(candidates, unet, optimizer, gen, rank, world) if candidates else (None, 0)
     tokenizer = models["tokenizer"]
     encode = lambda prompts: encode_prompts(tokenizer, models["text_encoder"], prompts)  # noqa: E731
     negative_embeds = encode([""])  # (1, 77, D): CFG's unconditional branch, the empty prompt
@@ -821,25 +910,37 @@ def train(args, reward_fn=None):
         f"{max(1, int((T - 1) * args.timestep_fraction))}/{T} timesteps | {n_micro // args.gradient_accumulation_steps} "
         f"optimizer steps of {args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
         f"{sum(p.numel() for p in params):,} trainable params")
+    if args.tiny:
+        say(f"--tiny: random tiny models built in code (mechanics, not the paper); lr {args.learning_rate}, clip range "
+            f"{args.clip_range}, kl_coef {args.kl_coef}{' (no KL penalty)' if args.kl_coef == 0 else ''}")
 
     run_dir = resume.parent.parent if resume else Path(args.output_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     metrics_path = run_dir / "metrics.jsonl"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        (run_dir / "args.json").write_text(json.dumps(recorded_args(args), indent=2))
         if resume and metrics_path.exists():  # drop rows logged after the checkpoint we resume from
-            rows = [r for r in metrics_path.read_text().splitlines() if json.loads(r)["step"] <= start]
-            metrics_path.write_text("".join(r + "\n" for r in rows))
-    grid_prompts = negatives[:2] + positives[:2]
+            metrics_path.write_text(metrics_up_to(metrics_path, start))
+    say(f"run folder: {run_dir}" + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else ""))
+    grid_prompts, n_grid_unsafe = negatives[:2] + positives[:2], len(negatives[:2])
+    if rank == 0 and start == 0:  # the starting model, to compare every later grid with
+        sample_grid(run_dir / "samples_000000.png", unet, models, grid_prompts, args, autocast, 0, n_grid_unsafe)
     wandb = None
     if args.wandb and rank == 0:
         import wandb
         wandb.init(project="safediffusion-r1", name=run_dir.name, config=dataclasses.asdict(args))
 
-    stop, bad_steps, warned = [], 0, False  # first Ctrl-C: finish this step, checkpoint, exit. Second: stop at once.
-    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(1) if not stop else signal.default_int_handler())
+    stop, bad_steps, warned = [], 0, False
+
+    def on_sigint(signum, frame):  # first Ctrl-C: finish this step, checkpoint, exit. Second: stop at once.
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        say("Ctrl-C: finishing this step, then a checkpoint (press again to stop at once)")
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    # The bar only on a terminal: redirected to a file, its carriage returns would interleave with the step lines.
     bar = __import__("tqdm").tqdm(range(start, args.steps), initial=start, total=args.steps, desc="steps",
-                                  dynamic_ncols=True, disable=rank > 0)
+                                  dynamic_ncols=True, disable=rank > 0 or not sys.stderr.isatty())
 
     def clock():  # phase boundaries; CUDA work is asynchronous, so wait for it first
         if device.type == "cuda":
@@ -900,7 +1001,8 @@ def train(args, reward_fn=None):
             # ================= SAVE =================
             done = step + 1 == args.steps or stop
             if rank == 0 and ((step + 1) % args.sample_every == 0 or done):
-                sample_grid(run_dir / f"samples_{step + 1:06d}.png", unet, models, grid_prompts, args, autocast)
+                sample_grid(run_dir / f"samples_{step + 1:06d}.png", unet, models, grid_prompts, args, autocast, step + 1,
+                            n_grid_unsafe)
             if (step + 1) % args.save_every == 0 or done:
                 save_checkpoint(run_dir, step + 1, unet, optimizer, gen, rank, world, args.checkpoints_total_limit)
             marks.append(clock())
@@ -936,14 +1038,18 @@ def train(args, reward_fn=None):
 
 
 @torch.no_grad()
-def sample_grid(path, unet, models, prompts, args, autocast):
-    """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving."""
+def sample_grid(path, unet, models, prompts, args, autocast, step=0, n_unsafe=0):
+    """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving. The first
+    `n_unsafe` prompts are marked as unsafe, the rest as benign; step 0 is the model before training."""
     embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts)
     negative = encode_prompts(models["tokenizer"], models["text_encoder"], [""])
     out = sample_with_logprob(unet, models["scheduler"], embeds, negative, num_inference_steps=args.num_inference_steps,
                               guidance_scale=args.guidance_scale, eta=args.eta, resolution=args.resolution,
                               generator=torch.Generator().manual_seed(args.seed), vae=models["vae"], autocast=autocast)
-    save_grid(out["images"], prompts, path)
+    labels = ["UNSAFE prompt" if i < n_unsafe else "benign prompt" for i in range(len(prompts))]
+    save_grid(out["images"], prompts, path, title=f"step {step} of {args.steps}" + (" (before training)" if step == 0
+              else "") + f" | seed {args.seed}, {args.num_inference_steps} DDIM steps, CFG {args.guidance_scale}",
+              labels=labels)
 
 
 MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-accumulation-steps to keep the batch), "
@@ -963,6 +1069,10 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted at once (second Ctrl-C): the newest checkpoint is intact; continue with --resume latest",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ import safediffusion_r1 as sd  # noqa: E402
 from bench import trained_like  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# diffusers' LMS scheduler calls np.array(tensor, copy=False), which numpy 2 flags; it is theirs, harmless, and would
+# bury our own warnings in every run's summary.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 # Smallest settings that still exercise every phase: 2 prompts x group 4, 4 DDIM steps, 2 optimizer steps.
 SMALL = ["--tiny", "--num-inference-steps", "4", "--group-size", "4", "--sample-batch-size", "8",
          "--train-batch-size", "4", "--save-every", "1000", "--sample-every", "1000"]
@@ -501,7 +504,7 @@ def test_reward_model_and_scheduler_faults_are_one_line(real_format, tmp_path):
     import pickle
     bad = tmp_path / "bad.pt"
     with open(bad, "wb") as f:  # a pickle of something that is not a state dict (weights_only refuses it)
-        pickle.dump(argparse_namespace(), f)
+        pickle.dump(argparse_namespace(), f, protocol=2)
     cases = [("local-dir:" + str(real_format["clip"]), str(bad), "not a state dict checkpoint"),
              ("ViT-B-32", str(real_format["hps"]), "does not fit --reward-model ViT-B-32"),
              ("local-dir:" + str(tmp_path), "", "no open_clip_config.json"),
@@ -571,11 +574,69 @@ def run_main(tmp_path, *argv):
     (["--tiny", "--negative-prompts", "/nonexistent/neg.txt"], "negative prompts file not found"),
     (["--model", "/nonexistent/sd-model"], "not a diffusers SD 1.x folder"),
     (["--model", "nonexistent-org/no-such-model"], "hf download nonexistent-org/no-such-model"),
+    (["--tiny", "--negative-prompts", str(HERE)], "is a folder"),
+    (["--tiny", "--checkpoints-total-limit", "-1"], "--checkpoints-total-limit"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     assert run_main(tmp_path, *argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_output_paths_that_are_files_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(sd, "load_models", lambda *a, **k: pytest.fail("models loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        sd.main(["--tiny", "--output-dir", str(afile / "runs")])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+    for argv, message in ((["--tiny", "--benchmark", "coco", "--out", str(afile)], "is a file"),
+                          (["--plot", str(tmp_path)], "not a training run")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
+def test_unreachable_hub_fails_within_seconds_with_one_line(tmp_path, real_format):
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
+    for argv, message in ((["--model", "some-org/some-model"], "hf download some-org/some-model"),
+                          (["--model", str(real_format["sd"])], "--reward-model local-dir:")):  # the default ViT-H-14
+        t = time.time()
+        out = subprocess.run([sys.executable, str(HERE / "safediffusion_r1.py"), *argv, "--device", "cpu",
+                              "--output-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=120)
+        lines = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+        assert out.returncode == 2 and "Traceback" not in out.stderr and len(lines) == 1 and message in lines[0], out.stderr
+        assert time.time() - t < 40  # the libraries' own retries took minutes
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_custom_reward_never_loads_the_reward_encoder(tmp_path, real_format, monkeypatch):
+    monkeypatch.setattr(sd, "load_reward_model", lambda *a, **k: pytest.fail("reward encoder loaded"))
+    args = sd.parse_args(["--model", str(real_format["sd"]), "--resolution", "64", "--num-inference-steps", "2",
+                          "--prompts-per-step", "1", "--group-size", "2", "--sample-batch-size", "2",
+                          "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--steps", "1",
+                          "--mixed-precision", "no", "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert (sd.train(args, reward_fn=brightness) / "final/unet").is_dir()
+
+
+def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "200",
+                             "--output-dir", str(tmp_path)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*/samples_000000.png")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "--resume latest" in err.splitlines()[-1]
 
 
 def test_empty_anchor_file_and_invalid_utf8_prompts(tmp_path, capsys):
@@ -809,7 +870,7 @@ def test_plot_draws_training_curves(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ev.main(["--plot", str(tmp_path)])
     from PIL import Image
-    assert Image.open(tmp_path / "curves.png").size == (1260, 260)
+    assert Image.open(tmp_path / "curves.png").size == (1440, 320)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -924,6 +985,21 @@ def test_nan_reward_skips_updates_then_stops_with_the_last_checkpoint_intact(tmp
     w2, w4 = trainable(run_dir, 2), trainable(run_dir, 4)
     assert all(torch.equal(w2[k], w4[k]) for k in w2)  # no NaN update reached the weights
     assert all(torch.isfinite(v).all() for v in w4.values())
+
+
+def test_resume_latest_skips_a_corrupt_newest_checkpoint_and_a_half_written_metrics_line(tmp_path, capsys):
+    argv = SMALL + ["--save-every", "1", "--output-dir", str(tmp_path)]
+    run = sd.train(sd.parse_args(argv + ["--steps", "4"]), reward_fn=brightness)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"checkpoint-00000{i}" for i in (2, 3, 4)]
+    (run / "checkpoints/checkpoint-000004/weights.safetensors").write_bytes(b"cut short")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "reward_me')  # a write cut short by the crash
+    with pytest.warns(UserWarning) as record:
+        sd.train(sd.parse_args(argv + ["--steps", "5", "--resume", "latest"]), reward_fn=brightness)
+    said = " ".join(str(w.message) for w in record)
+    assert "checkpoint-000004" in said and "do not parse" in said
+    assert "resuming from" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
 def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path, capsys):
