@@ -299,7 +299,8 @@ def bench_memory(args, device):
     p = frozen_params()
     # default config on a GPU: fp32 weights + grads + 2 Adam moments (full), bf16 KL reference and frozen models
     static = dict(unet_weights_grads_adam=16 * p["unet"], kl_reference_bf16=2 * p["unet"],
-                  vae_text_encoder_bf16=2 * (p["vae"] + p["text_encoder"]), reward_vit_h_14_fp32=4 * p["reward_vit_h_14"])
+                  vae_text_encoder_bf16=2 * (p["vae"] + p["text_encoder"]),
+                  reward_vit_h_14_fp32=4 * p["reward_vit_h_14"])
     # Activations of one trajectory (a CFG pair) with checkpointing: the LoRA case, whose grads and Adam state
     # are negligible (in the full case the optimizer's peak hides them). CPU ran fp32: halved for bf16.
     lora = cases["lora-ckpt"]
@@ -341,7 +342,8 @@ def gpu_check(args, device):
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     checks = [("approx_kl before any update < 1e-6 (else recompute old log-probs at the training batch shape)",
                row["approx_kl"] < 1e-6, row["approx_kl"]),
-              (f"clipfrac before any update < 0.01 (clip range {targs.clip_range})", row["clipfrac"] < 0.01, row["clipfrac"]),
+              (f"clipfrac before any update < 0.01 (clip range {targs.clip_range})", row["clipfrac"] < 0.01,
+               row["clipfrac"]),
               ("KL to the reference before any update < 1e-6", row["kl"] < 1e-6, row["kl"]),
               ("peak memory <= 22 GiB", row["peak_memory_gb"] <= 22, row["peak_memory_gb"])]
     per_step = row["seconds"] * 64 / 8  # the default step trains 64 trajectories; this one 8
@@ -351,7 +353,8 @@ def gpu_check(args, device):
     Path(args.out).write_text(json.dumps(result, indent=2))
     for c in result["checks"]:
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['value']:.3g}")
-    print(f"INFO  seconds for this 8-trajectory step: {row['seconds']:.1f}; a default 64-trajectory step: ~{per_step:.0f} s")
+    print(f"INFO  seconds for this 8-trajectory step: {row['seconds']:.1f}; "
+          f"a default 64-trajectory step: ~{per_step:.0f} s")
     print(f"wrote {args.out}" + ("" if full else "  (TINY models: mechanics only, not the GPU figures)"))
     return all(c["passed"] for c in result["checks"])
 

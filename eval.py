@@ -370,20 +370,21 @@ def load_detector(args):
             model = Mask2FormerForUniversalSegmentation.from_pretrained(args.detector).eval()
             processor = Mask2FormerImageProcessor.from_pretrained(args.detector)
         except (OSError, ValueError) as e:
-            raise sd.UsageError(f"cannot load detector '{args.detector}' ({type(e).__name__}); download it with "
-                                f"`hf download {args.detector} --local-dir models/m2f` and pass --detector models/m2f") from None
+            hint = f"download it with `hf download {args.detector} --local-dir models/m2f`, pass --detector models/m2f"
+            raise sd.UsageError(f"cannot load detector '{args.detector}' ({type(e).__name__}); {hint}") from None
     if model.config.num_labels != 80:
-        raise sd.UsageError(f"--detector {args.detector}: {model.config.num_labels} classes; GenEval needs a COCO (80) model")
+        raise sd.UsageError(f"--detector {args.detector}: {model.config.num_labels} classes; "
+                            "GenEval needs a COCO (80 classes) model")
     return model.to(args.device), processor
 
 
 @torch.no_grad()
 def detect(model, processor, image):
-    """(3, H, W) image in [0, 1] -> {GenEval class name: [(score, box (x0, y0, x1, y1) in pixels, mask (H, W) bool)]}."""
+    """(3, H, W) image in [0, 1] -> {GenEval class name: [(score, box (x0, y0, x1, y1) px, mask (H, W) bool)]}."""
     names, device = geneval_names(), next(model.parameters()).device
     inputs = processor(images=[(image.permute(1, 2, 0) * 255).round().byte().numpy()], return_tensors="pt").to(device)
-    result = processor.post_process_instance_segmentation(model(**inputs), threshold=0.0, target_sizes=[image.shape[1:]],
-                                                          return_binary_maps=True)[0]
+    result = processor.post_process_instance_segmentation(model(**inputs), threshold=0.0,
+                                                          target_sizes=[image.shape[1:]], return_binary_maps=True)[0]
     found = {}
     for i, seg in enumerate(result["segments_info"]):
         mask = result["segmentation"][i].bool().cpu()
@@ -435,8 +436,8 @@ def score_coco(args, jobs, out):
     clip, tokenizer = load_clip(args)
     files = [out / j["files"][0] for j in jobs]
     with torch.no_grad():
-        text = torch.cat([clip.encode_text(tokenizer([j["prompt"] for j in jobs[i:i + 64]]).to(args.device)).float().cpu()
-                          for i in range(0, len(jobs), 64)])
+        tokens = [tokenizer([j["prompt"] for j in jobs[i:i + 64]]).to(args.device) for i in range(0, len(jobs), 64)]
+        text = torch.cat([clip.encode_text(t).float().cpu() for t in tokens])
     cos = (sd.normalize(image_embeddings(clip, files)) * sd.normalize(text)).sum(-1)
     result = dict(protocol=protocol("coco", args, jobs), prompts=len(jobs),
                   clip_score=float((100 * cos.clamp(min=0)).mean()))
@@ -484,7 +485,8 @@ def results_markdown(dirs):
         get = lambda r, *keys: dig(r, key, *keys)  # noqa: E731,B023
         rows = [(f"inappropriate ({first(key)['criterion']}), overall",
                  [pct(get(r, "inappropriate_rate", "overall")) for _, r in runs])]
-        rows += [(f"inappropriate, {c}", [pct(get(r, "inappropriate_rate", c)) for _, r in runs]) for c in I2P_CATEGORIES]
+        rows += [(f"inappropriate, {c}", [pct(get(r, "inappropriate_rate", c)) for _, r in runs])
+                 for c in I2P_CATEGORIES]
         rows += [("Q16 alone, overall", [pct(get(r, "q16", "inappropriate_rate", "overall")) for _, r in runs]),
                  ("NudeNet detections (sum over classes)", [str(get(r, "nudenet", "detections")) for _, r in runs]),
                  ("NudeNet images with any class", [str(get(r, "nudenet", "images_with_any")) for _, r in runs])]
@@ -507,8 +509,8 @@ def plot_run(run_dir):
     (reward overall / unsafe / benign prompts, KL and approx_kl, clipfrac) with labelled axes and a legend."""
     from PIL import Image, ImageDraw, ImageFont
     rows = [json.loads(x) for x in sd.metrics_up_to(Path(run_dir, "metrics.jsonl"), float("inf")).splitlines()]
-    panels = [("reward", ("reward_mean", "reward_negative", "reward_positive")), ("KL to the reference", ("kl", "approx_kl")),
-              ("clipfrac", ("clipfrac",))]
+    panels = [("reward", ("reward_mean", "reward_negative", "reward_positive")),
+              ("KL to the reference", ("kl", "approx_kl")), ("clipfrac", ("clipfrac",))]
     colours = ("black", "firebrick", "royalblue")
     w, h, left, top, bottom = 480, 320, 70, 30, 70  # panel size and margins (y labels left, x labels + legend below)
     img = Image.new("RGB", (w * len(panels), h), "white")
@@ -531,7 +533,8 @@ def plot_run(run_dir):
             draw.text((x - 10, py1 + 4), f"{s0 + frac * (s1 - s0):.4g}", fill="dimgrey", font=font)
         draw.text(((px0 + px1) / 2 - 15, py1 + 20), "step", fill="dimgrey", font=font)
         for i, (k, c) in enumerate(zip(keys, colours)):
-            pts = [(px0 + (s - s0) / (s1 - s0) * (px1 - px0), py1 - (v - lo) / (hi - lo) * (py1 - py0)) for s, v in series[k]]
+            pts = [(px0 + (s - s0) / (s1 - s0) * (px1 - px0), py1 - (v - lo) / (hi - lo) * (py1 - py0))
+                   for s, v in series[k]]
             if len(pts) > 1:
                 draw.line(pts, fill=c, width=2)
             draw.line([(px0 + 130 * i, h - 12), (px0 + 130 * i + 14, h - 12)], fill=c, width=3)
@@ -544,14 +547,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--benchmark", choices=["i2p", "geneval", "coco"], help="what to generate and score")
     p.add_argument("--protocol", default="release", choices=sorted(I2P_PROTOCOLS),
-                   help="i2p: release = RECE's generation + Q16 alone (the paper's 48.9%%); official = ml-research/i2p's "
-                        "10 images, PNDM, guidance 7.5, Q16 (original prompts) OR NudeNet")
+                   help="i2p: release = RECE's generation + Q16 alone (the paper's 48.9%%); official = "
+                        "ml-research/i2p's 10 images, PNDM, guidance 7.5, Q16 (original prompts) OR NudeNet")
     p.add_argument("--out", default="eval_out/model", help="output folder (one per model)")
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="diffusers SD 1.x repo id or folder")
     p.add_argument("--unet", default="", help="fine-tuned UNet: a run's final/ folder (or its unet/ subfolder)")
     p.add_argument("--lora", default="", help="LoRA weights folder for pipe.load_lora_weights")
     p.add_argument("--tiny", action="store_true", help="tiny random models: checks the mechanics on CPU, not the numbers")
-    p.add_argument("--images-per-prompt", type=int, default=0, help="i2p: override the protocol's (1 release, 10 official)")
+    p.add_argument("--images-per-prompt", type=int, default=0,
+                   help="i2p: override the protocol's (1 release, 10 official)")
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all prompts)")
     p.add_argument("--category", default="", choices=("",) + I2P_CATEGORIES, help="i2p: only prompts of this category")
     p.add_argument("--fp16", action="store_true", help="generate in fp16 (labelled; the protocols generate in fp32)")
@@ -561,7 +565,8 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=0, help="image side (default 512; 64 with --tiny)")
     p.add_argument("--num-inference-steps", type=int, default=0, help="default 50 (the protocols); 4 with --tiny")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny models")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="generation and scoring device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="generation and scoring device")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="write results.md comparing these --out folders side by side")
     p.add_argument("--plot", metavar="RUN_DIR", help="draw a training run's curves to RUN_DIR/curves.png")
     args = p.parse_args(argv)
@@ -599,8 +604,9 @@ def run_benchmark(args):
     del pipe
     result = dict(i2p=score_i2p, geneval=score_geneval, coco=score_coco)[args.benchmark](args, jobs, out)
     result.update(model="tiny" if args.tiny else args.model, unet=args.unet, lora=args.lora,
-                  settings=dict(resolution=args.resolution, num_inference_steps=args.num_inference_steps, fp16=args.fp16,
-                                images_per_prompt=len(jobs[0]["files"]), limit=args.limit, category=args.category))
+                  settings=dict(resolution=args.resolution, num_inference_steps=args.num_inference_steps,
+                                fp16=args.fp16, images_per_prompt=len(jobs[0]["files"]), limit=args.limit,
+                                category=args.category))
     save_results(root, key, result)
     files = [out / f for j in jobs[:8] for f in j["files"][:1]]
     sd.save_grid(load_images(files, args.resolution), [j["prompt"] for j in jobs[:8]], root / f"grid_{key}.png")

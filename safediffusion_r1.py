@@ -66,7 +66,7 @@ def flag(default, help, **kw):
 class Args:
     # -- models (a field with `group` starts a new heading in --help) --
     model: str = flag("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x repo id or local folder", group="models")
-    reward_model: str = flag("ViT-H-14", "OpenCLIP architecture, or local-dir:FOLDER / hf-hub:ORG/NAME (config + weights)")
+    reward_model: str = flag("ViT-H-14", "OpenCLIP architecture, or local-dir:FOLDER / hf-hub:ORG/NAME")
     reward_pretrained: str = flag("laion2b_s32b_b79k", "OpenCLIP pretrained tag or local weights file")
     reward_checkpoint: str = flag("", "state dict loaded strictly into --reward-model (e.g. HPS_v2.1_compressed.pt, the release's)")
     tiny: bool = flag(False, "tiny random models built in code: CPU, no downloads; proves the mechanics, not the paper")
@@ -259,8 +259,8 @@ def load_sd(model):
                          f"`hf download {model} --local-dir models/sd` and pass --model models/sd") from None
     ignored = [k for k in ("clip_sample", "thresholding") if parts["scheduler"].config.get(k)]
     if ignored:
-        raise UsageError(f"{model}: its scheduler config sets {' and '.join(ignored)}, which the log-prob DDIM step does "
-                         "not implement; set them to false in scheduler/scheduler_config.json")
+        raise UsageError(f"{model}: its scheduler config sets {' and '.join(ignored)}, which the log-prob DDIM step "
+                         "does not implement; set them to false in scheduler/scheduler_config.json")
     if parts["scheduler"].config.prediction_type != "epsilon":
         raise UsageError(f"{model} predicts '{parts['scheduler'].config.prediction_type}'; only epsilon (SD 1.x) models are supported")
     return parts
@@ -293,8 +293,9 @@ def load_reward_model(arch, pretrained, checkpoint=""):
         except FileNotFoundError:
             raise UsageError(f"--reward-checkpoint {checkpoint}: file not found") from None
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            first = str(e).splitlines()[0][:80]
             raise UsageError(f"--reward-checkpoint {checkpoint}: not a state dict checkpoint (HPSv2 saves "
-                             f"{{'state_dict': ...}}; this file holds other objects: {str(e).splitlines()[0][:80]})") from None
+                             f"{{'state_dict': ...}}; this file holds other objects: {first})") from None
         state = state.get("state_dict", state) if isinstance(state, dict) else {}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -309,17 +310,26 @@ def load_reward_model(arch, pretrained, checkpoint=""):
 
 def use_cache_if_hub_unreachable(timeout=3.0):
     """Without a route to the model hub, the libraries retry each file for minutes before failing. One TCP connect
-    decides in seconds; if it fails, every loader reads the local cache only (as HF_HUB_OFFLINE=1 does), so a
-    missing model fails at once with our one-line message."""
+    (name lookup included, in a thread so a hanging resolver is bounded too) decides in seconds; if it fails, every
+    loader reads the local cache only (as HF_HUB_OFFLINE=1 does), so a missing model fails at once with our line."""
     import socket
+    import threading
     from urllib.parse import urlparse
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
+    url, reached = urlparse(constants.ENDPOINT), []
+
+    def connect():
+        try:
+            with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+                reached.append(True)
+        except OSError:
+            pass
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if not reached:
         constants.HF_HUB_OFFLINE = True
 
 
@@ -328,11 +338,14 @@ def load_models(args, reward=True):
     reward_fn replaces the steering reward, so its encoder is neither loaded nor needed."""
     if args.tiny:
         return build_tiny_models(args.seed)
-    use_cache_if_hub_unreachable()
+    local_reward = (args.reward_model.startswith("local-dir:") or bool(args.reward_checkpoint)
+                    or Path(args.reward_pretrained).is_file())
+    if not Path(args.model).is_dir() or (reward and not local_reward):  # something may come from the hub
+        use_cache_if_hub_unreachable()
     models = load_sd(args.model)
     if reward:
-        models["reward_model"], models["reward_tokenizer"] = load_reward_model(args.reward_model, args.reward_pretrained,
-                                                                               args.reward_checkpoint)
+        models["reward_model"], models["reward_tokenizer"] = load_reward_model(
+            args.reward_model, args.reward_pretrained, args.reward_checkpoint)
     return models
 
 
@@ -680,8 +693,8 @@ def save_grid(images, captions, path, cols=4, title="", labels=None):
         tile = Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
         grid.paste(tile.resize((tw, th), Image.NEAREST), (x, y))
         if labels is not None:
-            draw.text((x + 4, y + th + 3), labels[i], fill="firebrick" if "unsafe" in labels[i].lower() else "darkgreen",
-                      font=font)
+            colour = "firebrick" if "unsafe" in labels[i].lower() else "darkgreen"
+            draw.text((x + 4, y + th + 3), labels[i], fill=colour, font=font)
         draw.text((x + 4, y + th + 3 + 16 * (labels is not None)), "\n".join(lines), fill="black", font=font, spacing=3)
     grid.save(path)
 
@@ -973,7 +986,8 @@ def train(args, reward_fn=None):
             prompts_rep = [p for p in prompts for _ in range(G)]
             # Scored in chunks of the sampling batch: the reward model's activations stay bounded at any B.
             with autocast():
-                rewards = torch.cat([reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)]).float().cpu()
+                rewards = torch.cat([reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)])
+            rewards = rewards.float().cpu()
             advantages = group_advantages(rewards, G, args.adv_clip_max).to(device)
             marks.append(clock())
             # ================= TRAIN =================
@@ -982,7 +996,8 @@ def train(args, reward_fn=None):
                                                      negative_embeds, args, gen, autocast, world)
             # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing gradient
             # with a finite loss is the loss scale settling (GradScaler lowers it), not divergence.
-            nonfinite = not torch.isfinite(rewards).all() or not all(math.isfinite(i["policy_loss"] + i["kl"]) for i in infos)
+            nonfinite = (not torch.isfinite(rewards).all()
+                         or not all(math.isfinite(i["policy_loss"] + i["kl"]) for i in infos))
             bad_steps = bad_steps + 1 if nonfinite or (skipped and args.mixed_precision != "fp16") else 0
             marks.append(clock())
             # ================= LOG =================
@@ -1001,8 +1016,8 @@ def train(args, reward_fn=None):
             # ================= SAVE =================
             done = step + 1 == args.steps or stop
             if rank == 0 and ((step + 1) % args.sample_every == 0 or done):
-                sample_grid(run_dir / f"samples_{step + 1:06d}.png", unet, models, grid_prompts, args, autocast, step + 1,
-                            n_grid_unsafe)
+                sample_grid(run_dir / f"samples_{step + 1:06d}.png", unet, models, grid_prompts, args, autocast,
+                            step + 1, n_grid_unsafe)
             if (step + 1) % args.save_every == 0 or done:
                 save_checkpoint(run_dir, step + 1, unet, optimizer, gen, rank, world, args.checkpoints_total_limit)
             marks.append(clock())
