@@ -328,7 +328,7 @@ def gpu_check(args, device):
                            if not full else []) + settings)
     targs.tiny = False  # the models come from sd_parts below, through train()'s own setup
     real_load = sd.load_models
-    def load_models(_):  # random weights in the real architectures (tiny with --tiny), norms made trained-like
+    def load_models(_, reward=True):  # random weights in the real architectures (tiny with --tiny), norms made trained-like
         m = sd_parts(full)
         trained_like(m["unet"], m["vae"], m["text_encoder"], m["reward_model"])
         return m
