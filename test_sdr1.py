@@ -630,12 +630,13 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
                              "--output-dir", str(tmp_path)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not list(tmp_path.glob("*/samples_000000.png")) and time.time() < deadline:
+    while not list(tmp_path.glob("*/metrics.jsonl")) and time.time() < deadline:  # a step done: the handler is in
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
+    assert "finishing this step" in out  # the first press was heard by our handler
     assert proc.returncode == 130 and "Traceback" not in err and "--resume latest" in err.splitlines()[-1]
 
 
