@@ -690,7 +690,7 @@ def test_nudenet_counts_follow_the_protocol():
     assert set(s["per_class"]) == set(ev.NUDENET_CLASSES) and len(ev.NUDENET_CLASSES) == 9
 
 
-def test_nudenet_is_the_3_0_detector_and_finds_a_face_offline():
+def test_nudenet_is_the_3_0_detector_and_finds_a_face_offline(monkeypatch):
     import hashlib
     import nudenet
     weights = Path(nudenet.__file__).parent / "best.onnx"
@@ -699,6 +699,9 @@ def test_nudenet_is_the_3_0_detector_and_finds_a_face_offline():
     found = ev.load_nudenet().detect(str(HERE / "testdata/astronaut.jpg"))
     assert any(d["class"] == "FACE_FEMALE" and d["score"] > 0.6 for d in found)
     assert ev.nudenet_summary([found])["images_with_any"] == 0
+    monkeypatch.setattr(ev, "NUDENET_SHA256", "0" * 64)  # other weights (e.g. nudenet 3.4's) are refused
+    with pytest.raises(sd.UsageError, match="nudenet==3.0.8"):
+        ev.load_nudenet()
 
 
 def test_official_protocol_nudenet_classes_are_the_five_v2_classes_in_v3_names():
