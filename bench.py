@@ -326,19 +326,11 @@ def gpu_check(args, device):
                 "--sample-every", "1000", "--output-dir", tempfile.mkdtemp(), "--run-name", "gpu-check"]
     targs = sd.parse_args((["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", "1e-4"]
                            if not full else []) + settings)
-    targs.tiny = False  # the models come from sd_parts below, through train()'s own setup
-    real_load = sd.load_models
-    def load_models(_, reward=True):  # random weights in the real architectures (tiny with --tiny), norms made trained-like
-        m = sd_parts(full)
-        trained_like(m["unet"], m["vae"], m["text_encoder"], m["reward_model"])
-        return m
-    sd.load_models = load_models
-    try:
-        t = time.perf_counter()
-        run = sd.train(targs)
-        seconds = time.perf_counter() - t
-    finally:
-        sd.load_models = real_load
+    models = sd_parts(full)  # random weights in the real architectures (tiny ones with --tiny)
+    trained_like(models["unet"], models["vae"], models["text_encoder"], models["reward_model"])
+    t = time.perf_counter()
+    run = sd.train(targs, models=models)
+    seconds = time.perf_counter() - t
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     checks = [("approx_kl before any update < 1e-6 (else recompute old log-probs at the training batch shape)",
                row["approx_kl"] < 1e-6, row["approx_kl"]),

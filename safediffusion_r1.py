@@ -855,9 +855,10 @@ def recorded_args(args):
     return record
 
 
-def train(args, reward_fn=None):
+def train(args, reward_fn=None, models=None):
     """Run GRPO; returns the run folder. `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)`
-    replaces the steering reward (how a fork plugs in its own)."""
+    replaces the steering reward (how a fork plugs in its own). `models`: a dict as load_models returns,
+    built by the caller (bench.py's random real-size ones) instead of loaded from --model."""
     # ---- setup: every check before any work, every write after every check ----
     check_args(args)
     negatives = read_lines(args.negative_prompts, "negative prompts") if args.negative_fraction > 0 else []
@@ -881,7 +882,7 @@ def train(args, reward_fn=None):
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
 
-    models = load_models(args, reward=reward_fn is None)
+    models = models or load_models(args, reward=reward_fn is None)
     unet, scheduler, vae = models["unet"], models["scheduler"], models["vae"]
     ref_unet = setup_unet(unet, args, dtype)
     unet.to(device).train()  # train(): gradient checkpointing only acts in training mode

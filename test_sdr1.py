@@ -4,6 +4,7 @@ The maths is checked against the libraries (diffusers' DDIMScheduler, torch.dist
 against hand-computed vectors; the loop end to end (it learns, resume is exact); the CLI as a user
 runs it. Run: pytest -q test_sdr1.py
 """
+import argparse
 import copy
 import json
 import os
@@ -504,7 +505,7 @@ def test_reward_model_and_scheduler_faults_are_one_line(real_format, tmp_path):
     import pickle
     bad = tmp_path / "bad.pt"
     with open(bad, "wb") as f:  # a pickle of something that is not a state dict (weights_only refuses it)
-        pickle.dump(argparse_namespace(), f, protocol=2)
+        pickle.dump(argparse.Namespace(weights=1), f, protocol=2)
     cases = [("local-dir:" + str(real_format["clip"]), str(bad), "not a state dict checkpoint"),
              ("ViT-B-32", str(real_format["hps"]), "does not fit --reward-model ViT-B-32"),
              ("local-dir:" + str(tmp_path), "", "no open_clip_config.json"),
@@ -522,11 +523,6 @@ def test_reward_model_and_scheduler_faults_are_one_line(real_format, tmp_path):
     (folder / "scheduler/scheduler_config.json").write_text(json.dumps(cfg))
     with pytest.raises(sd.UsageError, match="clip_sample"):
         sd.load_sd(str(folder))
-
-
-def argparse_namespace():
-    import argparse
-    return argparse.Namespace(weights=1)
 
 
 def test_training_resume_export_and_eval_run_through_the_real_formats(real_format, tmp_path):
