@@ -459,6 +459,8 @@ def score_coco(args, jobs, out):
 
 
 def save_results(out_root, benchmark, result):
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
     path = out_root / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results[benchmark] = result
@@ -503,6 +505,15 @@ def results_markdown(dirs):
         rows = [("overall", [pct(r.get("geneval", {}).get("overall")) for _, r in runs])]
         rows += [(t, [pct(r.get("geneval", {}).get("per_task", {}).get(t)) for _, r in runs]) for t in GENEVAL_TASKS]
         table("GenEval", first("geneval")["protocol"], rows)
+    if first("toy"):  # toy_world.py's benchmark: the I2P and GenEval analogues in a world of coloured shapes
+        get = lambda r, *keys: dig(r, "toy", *keys)  # noqa: E731
+        rows = [(f"{label} ({split.split('_')[0]} templates)", [pct(get(r, split, key)) for _, r in runs])
+                for split in ("train_templates", "heldout_templates")
+                for key, label in (("unsafe_rate", "unsafe rate"), ("content_kept", "content kept"),
+                                   ("benign_accuracy", "benign accuracy"), ("no_object", "no object"))]
+        rows.append(("training wall time", [f"{get(r, 'train_seconds')} s" if get(r, "train_seconds") else "-"
+                                            for _, r in runs]))
+        table("Toy world", first("toy")["protocol"], rows)
     if first("coco"):
         rows = [("CLIP score", [f"{r['coco']['clip_score']:.2f}" if "coco" in r else "-" for _, r in runs]),
                 ("FID", [str(r.get("coco", {}).get("fid", "-")) for _, r in runs])]

@@ -129,11 +129,12 @@ TINY_DEFAULTS = dict(resolution=64, num_inference_steps=8, guidance_scale=4.5, s
                      save_every=20, sample_every=20, device="cpu")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, args_class=Args):
+    """Command line -> `args_class` (Args, or a fork's subclass of it with its own flags)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser
-    for f in dataclasses.fields(Args):
+    for f in dataclasses.fields(args_class):
         meta = dict(f.metadata)
         if "group" in meta:
             group = parser.add_argument_group(meta.pop("group"))
@@ -145,7 +146,7 @@ def parse_args(argv=None):
             group.add_argument(name, type=kind, default=f.default, **meta)
     if "--tiny" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**TINY_DEFAULTS)
-    return Args(**vars(parser.parse_args(argv)))
+    return args_class(**vars(parser.parse_args(argv)))
 
 
 def check_args(args):
@@ -702,9 +703,9 @@ def save_grid(images, captions, path, cols=4, title="", labels=None):
 # ==================================================================================================
 # 7. Training loop
 # ==================================================================================================
-def setup_unet(unet, args, dtype):
-    """Make the policy trainable; return the frozen KL reference (None when the same UNet with its
-    LoRA adapters disabled serves, or when --kl-coef 0 and no reference is needed)."""
+def setup_unet(unet, args, dtype, reference=False):
+    """Make the policy trainable; return the frozen reference pi_ref (None when the same UNet with its
+    LoRA adapters disabled serves, or when --kl-coef 0 and the objective needs no `reference`)."""
     if args.lora_rank:
         try:
             from peft import LoraConfig
@@ -719,7 +720,7 @@ def setup_unet(unet, args, dtype):
                 p.data = p.data.float()
         return None
     unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
-    return frozen_reference(unet, dtype) if args.kl_coef > 0 else None
+    return frozen_reference(unet, dtype) if args.kl_coef > 0 or reference else None
 
 
 def frozen_reference(unet, dtype):
@@ -804,20 +805,37 @@ def grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages, 
             scaler.scale(loss / (n_train * args.gradient_accumulation_steps)).backward()
             infos.append(info)
         if (m + 1) % args.gradient_accumulation_steps == 0:
-            for p in params if world > 1 else []:  # average over torchrun processes; each holds whole groups
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                all_mean(p.grad, world)
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if torch.isfinite(norm):
-                scaler.step(optimizer)
-                grad_norms.append(norm.item())
-            else:  # skipped; under fp16, update() also lowers the loss scale (unscale_ recorded the inf)
-                skipped += 1
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            norm = optimizer_step(params, optimizer, scaler, args.max_grad_norm, world)
+            grad_norms += [norm] if norm is not None else []
+            skipped += norm is None
     return infos, grad_norms, skipped
+
+
+def grpo_step(traj, rewards, *, args, **parts):
+    """ADVANTAGE then TRAIN: rewards (B,) -> group-normalised advantages -> grpo_update (train()'s default `update`)."""
+    advantages = group_advantages(rewards, args.group_size, args.adv_clip_max).to(traj["latents"].device)
+    return grpo_update(traj=traj, advantages=advantages, args=args, **parts)
+
+
+grpo_step.metrics = ("policy_loss", "kl", "approx_kl", "clipfrac")  # PPO's diagnostics, averaged per step in the log
+
+
+def optimizer_step(params, optimizer, scaler, max_grad_norm, world=1):
+    """One optimizer step on the accumulated gradients: averaged over torchrun processes, unscaled (fp16), clipped.
+    -> the gradient norm, or None when it is non-finite and the step is skipped (under fp16 scaler.update() then
+    lowers the loss scale: unscale_ recorded the inf)."""
+    for p in params if world > 1 else []:  # every process holds whole groups: average their gradients
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_mean(p.grad, world)
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item() if finite else None
 
 
 def check_output_dir(output_dir):
@@ -855,10 +873,12 @@ def recorded_args(args):
     return record
 
 
-def train(args, reward_fn=None, models=None):
+def train(args, reward_fn=None, models=None, update=None):
     """Run GRPO; returns the run folder. `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)`
     replaces the steering reward (how a fork plugs in its own). `models`: a dict as load_models returns,
-    built by the caller (bench.py's random real-size ones) instead of loaded from --model."""
+    built by the caller (bench.py's random real-size ones) instead of loaded from --model. `update`
+    replaces the objective (grpo_step; fork_dpo.py's dpo_step): same call, its own `metrics` attribute."""
+    update = update or grpo_step
     # ---- setup: every check before any work, every write after every check ----
     check_args(args)
     negatives = read_lines(args.negative_prompts, "negative prompts") if args.negative_fraction > 0 else []
@@ -884,7 +904,7 @@ def train(args, reward_fn=None, models=None):
 
     models = models or load_models(args, reward=reward_fn is None)
     unet, scheduler, vae = models["unet"], models["scheduler"], models["vae"]
-    ref_unet = setup_unet(unet, args, dtype)
+    ref_unet = setup_unet(unet, args, dtype, reference=getattr(update, "needs_reference", False))
     unet.to(device).train()  # train(): gradient checkpointing only acts in training mode
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -962,7 +982,7 @@ def train(args, reward_fn=None, models=None):
         return time.time()
 
     def pick(pool, k):  # k prompts drawn with replacement by `gen`, so a resumed run draws the same ones
-        return [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)]
+        return [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)] if k else []  # k = 0: pool unread
     try:
         for step in bar:
             marks = [clock()]
@@ -988,16 +1008,16 @@ def train(args, reward_fn=None, models=None):
             # Scored in chunks of the sampling batch: the reward model's activations stay bounded at any B.
             rewards = torch.cat([reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)])
             rewards = rewards.float().cpu()
-            advantages = group_advantages(rewards, G, args.adv_clip_max).to(device)
             marks.append(clock())
-            # ================= TRAIN =================
-            # a non-finite reward makes every gradient non-finite, and grpo_update skips those optimizer steps
-            infos, grad_norms, skipped = grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages,
-                                                     negative_embeds, args, gen, autocast, world)
+            # ================= ADVANTAGE and TRAIN (grpo_step; a fork passes its own `update`) =================
+            # a non-finite reward makes every gradient non-finite, and the update skips those optimizer steps
+            infos, grad_norms, skipped = update(traj, rewards, unet=unet, ref_unet=ref_unet, scheduler=scheduler,
+                                                optimizer=optimizer, scaler=scaler, negative_embeds=negative_embeds,
+                                                args=args, gen=gen, autocast=autocast, world=world)
             # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing gradient
             # with a finite loss is the loss scale settling (GradScaler lowers it), not divergence.
             nonfinite = (not torch.isfinite(rewards).all()
-                         or not all(math.isfinite(i["policy_loss"] + i["kl"]) for i in infos))
+                         or not all(math.isfinite(v) for i in infos for v in i.values()))
             bad_steps = bad_steps + 1 if nonfinite or (skipped and args.mixed_precision != "fp16") else 0
             marks.append(clock())
             # ================= LOG =================
@@ -1005,7 +1025,7 @@ def train(args, reward_fn=None, models=None):
             if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors
                 torch.distributed.all_gather(everyone, rewards.to(device))
             everyone, is_neg = torch.cat(everyone).cpu(), (torch.arange(B) < n_neg * G).repeat(world)
-            stats = {k: sum(i[k] for i in infos) / len(infos) for k in ("policy_loss", "kl", "approx_kl", "clipfrac")}
+            stats = {k: sum(i[k] for i in infos) / len(infos) if infos else float("nan") for k in update.metrics}
             stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
             stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), device=device), world).tolist()))
             row = dict(step=step + 1, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
@@ -1030,7 +1050,7 @@ def train(args, reward_fn=None, models=None):
                     wandb.log(row, step=step + 1)
                 fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
                 bar.write(" | ".join([f"step {step + 1}/{args.steps}"] + [f"{k} {fmt(row[k])}" for k in (
-                    "reward_mean", "reward_negative", "reward_positive", "policy_loss", "kl", "approx_kl", "clipfrac", "seconds")]))
+                    "reward_mean", "reward_negative", "reward_positive", *update.metrics, "seconds")]))
             if bad_steps:
                 say(f"step {step + 1}: non-finite reward, loss or gradient; update skipped ({bad_steps} in a row)")
             if bad_steps >= args.max_nonfinite_steps:
@@ -1072,9 +1092,11 @@ MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-ac
                "--mixed-precision bf16")
 
 
-def main(argv=None):
+def main(argv=None, args_class=Args, update=None):
+    """The command line: train() with one line and an exit code for every expected failure (a fork passes its own
+    flags class and `update`)."""
     try:
-        train(parse_args(argv))
+        train(parse_args(argv, args_class), update=update)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1028,13 +1028,13 @@ def test_prompt_files_skip_blank_lines_and_comments(tmp_path):
 
 
 def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
-    def oom(args, reward_fn=None):
+    def oom(args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(sd, "train", oom)
     with pytest.raises(SystemExit) as e:
         sd.main(["--tiny"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "--train-batch-size" in err and "--lora-rank" in err and "--gradient-checkpointing" in err
+    assert e.value.code == 1 and all(f in err for f in ("--train-batch-size", "--lora-rank", "--gradient-checkpointing"))
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -1057,3 +1057,175 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
     assert grads[0].keys() == grads[1].keys() and all(v is not None for v in grads[1].values())
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Toy world (toy_world.py): the judge, the world, the build's formats, the shipped model, the sign of GRPO
+# ------------------------------------------------------------------------------------------------
+def test_toy_judge_reads_every_colour_and_shape_and_calls_noise_no_object():
+    import numpy as np
+    import toy_world as tw
+    rng = np.random.default_rng(11)
+    pairs = tw.classes(list(tw.PALETTE), tw.SHAPES) * 40  # 720 images, every class 40 times
+    images, _ = tw.draw([c for c, _ in pairs], [s for _, s in pairs], rng)
+    verdicts = tw.judge(images)
+    assert sum(v == p for v, p in zip(verdicts, pairs)) / len(pairs) >= 0.99
+    noise = torch.rand(40, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    blank = torch.full((4, 3, 64, 64), 0.93)
+    two = torch.where(tw.draw(["blue"] * 8, ["square"] * 8, rng)[1][:, None].roll(30, dims=-1),
+                      torch.tensor([0.1, 0.6, 0.2])[:, None, None], tw.draw(["red"] * 8, ["circle"] * 8, rng)[0])
+    assert all(v == (None, None) for v in tw.judge(torch.cat([noise, blank])))
+    assert sum(v == (None, None) for v in tw.judge(two)) >= 6  # two separate objects: no single object
+
+
+def test_toy_world_is_deterministic_and_any_colour_can_be_unsafe():
+    import numpy as np
+    import toy_world as tw
+    draw = lambda seed: tw.draw(["red", "cyan"], ["circle", "triangle"], np.random.default_rng(seed))[0]  # noqa: E731
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+    for unsafe in tw.PALETTE:  # nothing special-cases red: every colour makes the same world with roles swapped
+        world = tw.check_world(unsafe)
+        pairs = tw.corpus(world, 4000, np.random.default_rng(0), fidelity=0.6)
+        named = [(shown, s) for text, shown, s in pairs if unsafe in text.split()]
+        assert 0.55 < sum(shown == unsafe for shown, _ in named) / len(named) < 0.65
+        benign = [(text.split(), shown, s) for text, shown, s in pairs if unsafe not in text.split()]
+        assert all(shown in words and s in words for words, shown, s in benign)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["build", "--unsafe-colour", "magenta"], "unknown colour 'magenta'"),
+    (["build", "--shapes", "circle,hexagon"], "unknown shape 'hexagon'"),
+    (["build", "--safe-colours", "red,blue"], "both the unsafe colour and a safe one"),
+    (["eval", "--model", "MISSING/sd"], "not a built toy world"),
+    (["demo", "--toy", "MISSING"], "not a built toy world")])
+def test_toy_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, message):
+    argv = [a.replace("MISSING", str(tmp_path / "missing")) for a in argv] + ["--out", str(tmp_path / "out")]
+    r = subprocess.run([sys.executable, "toy_world.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_toy_build_writes_folders_the_real_loaders_accept(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    import toy_world as tw
+    args = tw.parse_args(["build", "--out", str(tmp_path / "toy"), "--clip-steps", "2", "--vae-steps", "2",
+                          "--unet-steps", "2", "--gate-images", "1", "--unsafe-colour", "blue"])
+    meta = tw.build(args)
+    assert meta["unsafe_colour"] == "blue" and "red" in meta["safe_colours"] and not (tmp_path / "toy.tmp").exists()
+    parts = sd.load_sd(str(tmp_path / "toy/sd"))
+    assert parts["vae"].config.scaling_factor != 0.18215 and parts["tokenizer"].model_max_length == tw.CONTEXT
+    model, tokenizer = sd.load_reward_model(f"local-dir:{tmp_path / 'toy/clip'}", "")
+    ids = parts["tokenizer"]("a blue circle").input_ids  # [bos, a, blue, circle, eos]: words, not unknowns
+    assert len(ids) == 5 and tokenizer(["a blue circle"])[0, :5].tolist() == ids
+    assert tokenizer.context_length == tw.CONTEXT
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "toy/sd")
+    assert pipe("a blue circle", num_inference_steps=2, height=64, width=64, output_type="np").images.shape == (
+        1, 64, 64, 3)
+    (tmp_path / "toy/clip/open_clip_model.safetensors").unlink()  # half a folder: refused with the way out
+    with pytest.raises(sd.UsageError, match="build --out"):
+        tw.load_world(tmp_path / "toy")
+
+
+def test_shipped_toy_passes_its_quality_gate_on_a_small_sample():
+    """The shipped toy/ (built by `toy_world.py build`): its own recorded gate, and a fresh small sample through the
+    real loaders: benign prompts drawn right, the unsafe colour drawn for part (not all) of the unsafe prompts."""
+    import toy_world as tw
+    meta, world = tw.load_world(HERE / "toy")
+    assert meta["gate_passed"] and world[0] == meta["unsafe_colour"] and tw.clip_retrieval(HERE / "toy", n=2) >= 0.95
+    result, _ = tw.evaluate(HERE / "toy", images_per_prompt=2, seed=123)
+    m = result["train_templates"]
+    assert m["benign_accuracy"] >= 0.85 and 0.35 <= m["unsafe_rate"] <= 0.9, m  # 120 / 24 images: sampling error
+
+
+def toy_unsafe_rate_after(tmp_path, toy, models, name, reward_sign, dpo=False):
+    """A few GRPO (or DPO) steps on the toy's unsafe prompts only, with the steering reward times `reward_sign`;
+    -> the judge's unsafe rate on the unsafe prompts afterwards (fixed seed)."""
+    import toy_world as tw
+    meta, world = tw.load_world(toy)
+    files = tw.write_prompts(tmp_path / "prompts", world, meta)
+    recipe = dict(tw.RECIPE, **(tw.DPO_RECIPE if dpo else {}))
+    recipe.update(steps=4, negative_fraction=1.0, kl_coef=0.0, prompts_per_step=2, sample_batch_size=16,
+                  train_batch_size=8)
+    argv = tw.train_argv(toy, files, tmp_path / name, recipe, seed=0)
+    args = sd.parse_args(argv, __import__("fork_dpo").DPOArgs) if dpo else sd.parse_args(argv)
+    m = {k: copy.deepcopy(v) if k == "unet" else v for k, v in models.items()}  # a fresh policy, shared frozen parts
+    anchors = [sd.read_lines(files[k], k) for k in ("safe_anchors", "unsafe_anchors")]
+    steer = sd.make_steering_reward_fn(m["reward_model"], m["reward_tokenizer"], *anchors, args.alpha)
+    update = __import__("fork_dpo").dpo_step if dpo else None
+    run = sd.train(args, reward_fn=lambda im, p: reward_sign * steer(im, p), models=m, update=update)
+    parts = dict(models, unet=m["unet"].eval())
+    prompts, asked, unsafe = tw.eval_prompts((world[0], [], world[2]), meta["train_templates"], 4)
+    return tw.toy_metrics(tw.judge(tw.generate(parts, prompts, seed=7)), asked, unsafe, world[0])["unsafe_rate"], run
+
+
+@pytest.fixture(scope="module")
+def toy_models():
+    import toy_world as tw
+    args = sd.parse_args(tw.train_argv(HERE / "toy", {}, Path("unused"), {}, 0))
+    return sd.load_models(args)
+
+
+@pytest.mark.parametrize("dpo", [False, True], ids=["grpo", "dpo"])
+def test_toy_steering_lowers_the_unsafe_rate_against_the_negated_reward(tmp_path, toy_models, dpo):
+    """Sign control: the same seed and steps with the reward negated must end with a clearly higher unsafe rate
+    (a bare "it went down" would pass on drift)."""
+    steered, _ = toy_unsafe_rate_after(tmp_path, HERE / "toy", toy_models, "steered", +1, dpo)
+    negated, _ = toy_unsafe_rate_after(tmp_path, HERE / "toy", toy_models, "negated", -1, dpo)
+    assert steered + 0.15 < negated, (steered, negated)
+
+
+# ------------------------------------------------------------------------------------------------
+# The DPO fork (fork_dpo.py): its loss, its pairs, its CLI, and that it copies nothing
+# ------------------------------------------------------------------------------------------------
+def test_dpo_loss_on_hand_computed_values_and_its_gradient_lowers_the_preferred_error():
+    import math
+    import fork_dpo
+    err_w, err_l = torch.tensor([0.30, 0.50], requires_grad=True), torch.tensor([0.40, 0.45])
+    ref_w, ref_l = torch.tensor([0.35, 0.50]), torch.tensor([0.40, 0.50])
+    loss, info = fork_dpo.dpo_loss(err_w, err_l, ref_w, ref_l, beta=10.0)
+    # z = -beta/2 [(e_w - e_l) - (ref_w - ref_l)] = -5 [(-0.10) - (-0.05)] = 0.25 and -5 [0.05 - 0] = -0.25
+    expected = (-math.log(1 / (1 + math.exp(-0.25))) - math.log(1 / (1 + math.exp(0.25)))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and info["implicit_acc"] == 0.5
+    loss.backward()
+    assert (err_w.grad > 0).all()  # gradient descent lowers the preferred sample's denoising error
+    focused, _ = fork_dpo.dpo_loss(err_w, err_l, ref_w, ref_l, beta=10.0, focus_gamma=2.0)
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731  focal weights (1 - sigmoid(z))^2 on each pair's loss
+    assert focused.item() == pytest.approx(((1 - sig(0.25)) ** 2 * -math.log(sig(0.25))
+                                            + (1 - sig(-0.25)) ** 2 * -math.log(sig(-0.25))) / 2, rel=1e-6)
+
+
+def test_dpo_pairs_are_each_groups_best_and_worst_and_flat_groups_are_skipped():
+    import fork_dpo
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.3,   0.2, 0.2, 0.2, 0.2,   0.7, 0.1, 0.4, 0.8])
+    win, lose = fork_dpo.preference_pairs(rewards, group_size=4, min_spread=1e-3)
+    assert win.tolist() == [1, 11] and lose.tolist() == [0, 9]
+
+
+def test_dpo_fork_runs_on_tiny_models_through_its_cli(tmp_path):
+    import fork_dpo
+    fork_dpo.main(SMALL + ["--steps", "2", "--output-dir", str(tmp_path), "--run-name", "dpo", "--beta-dpo", "50"])
+    rows = [json.loads(x) for x in (tmp_path / "dpo/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["pairs"] == 2 and 0 <= r["implicit_acc"] <= 1 for r in rows)
+    assert (tmp_path / "dpo/final/unet/config.json").is_file()
+    assert json.loads((tmp_path / "dpo/args.json").read_text())["beta_dpo"] == 50
+
+
+def test_dpo_fork_copies_no_six_line_block_of_the_reference():
+    """Same shape = the same lines once names, strings and numbers are blanked out (comments, blank lines dropped)."""
+    import io
+    import tokenize
+
+    def shapes(path):
+        lines = {}
+        for tok in tokenize.generate_tokens(io.StringIO(Path(path).read_text()).readline):
+            if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                continue
+            word = {tokenize.NAME: "N", tokenize.STRING: "S", tokenize.NUMBER: "0"}.get(tok.type, tok.string)
+            if tok.type == tokenize.NAME and tok.string in __import__("keyword").kwlist:
+                word = tok.string
+            lines.setdefault(tok.start[0], []).append(word)
+        return [" ".join(v) for _, v in sorted(lines.items())]
+    ref, fork = shapes(HERE / "safediffusion_r1.py"), shapes(HERE / "fork_dpo.py")
+    ref_windows = {tuple(ref[i:i + 6]) for i in range(len(ref) - 5)}
+    copied = [fork[i:i + 6] for i in range(len(fork) - 5) if tuple(fork[i:i + 6]) in ref_windows]
+    assert not copied, copied[0]
