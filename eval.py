@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -632,7 +631,7 @@ def run_benchmark(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with sd.exit_2_on_usage_error():
         if args.plot:
             if not Path(args.plot, "metrics.jsonl").is_file():
                 raise sd.UsageError(f"--plot {args.plot}: not a training run (no metrics.jsonl)")
@@ -646,9 +645,6 @@ def main(argv=None):
             raise sd.UsageError("pass --benchmark i2p|geneval|coco (or --compare / --plot)")
         else:
             run_benchmark(args)
-    except sd.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

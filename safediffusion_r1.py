@@ -1087,6 +1087,17 @@ def sample_grid(path, unet, models, prompts, args, autocast, step=0, n_unsafe=0)
               labels=labels)
 
 
+@contextlib.contextmanager
+def exit_2_on_usage_error():
+    """A UsageError (bad input, found before any work) ends the program with its one line and exit code 2: the
+    command-line entry points of this file, eval.py and toy_world.py share it."""
+    try:
+        yield
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-accumulation-steps to keep the batch), "
                "--sample-batch-size, or use --lora-rank 8, --kl-coef 0 (no reference copy), --gradient-checkpointing, "
                "--mixed-precision bf16")
@@ -1096,10 +1107,8 @@ def main(argv=None, args_class=Args, update=None):
     """The command line: train() with one line and an exit code for every expected failure (a fork passes its own
     flags class and `update`)."""
     try:
-        train(parse_args(argv, args_class), update=update)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with exit_2_on_usage_error():
+            train(parse_args(argv, args_class), update=update)
     except torch.cuda.OutOfMemoryError:
         print(f"error: {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)

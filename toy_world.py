@@ -223,6 +223,16 @@ def corpus(world, n, rng, fidelity=1.0, templates=TRAIN_TEMPLATES + HELDOUT_TEMP
     return out
 
 
+def optimize(opt, sched, loss, params=None):
+    """One AdamW step on `loss` (gradient norm clipped at 1 when `params` are given), then the LR schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if params is not None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def log_every(start, step, steps, what, **values):
     if step % max(1, steps // 10) == 0 or step == steps:
         print(f"  {what} {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in values.items())
@@ -246,10 +256,7 @@ def train_clip(model, tokenizer, world, steps, rng, batch=256, lr=1e-3):
         text_emb = sd.normalize(model.encode_text(tokenizer([p for p, *_ in pairs])))
         logits = model.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
         loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimize(opt, sched, loss)
         log_every(start, step, steps, "clip", loss=loss.item())
     return model.eval()
 
@@ -269,10 +276,7 @@ def train_vae(vae, world, steps, rng, batch=64, lr=2e-3):
         weight = 1 + 9 * mask[:, None].float()
         err = vae.decode(posterior.sample()).sample - x
         loss = (weight * (err**2 + 0.1 * err.abs())).mean() + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimize(opt, sched, loss)
         log_every(start, step, steps, "vae", loss=loss.item())
     return vae.eval()
 
@@ -317,11 +321,7 @@ def train_sd(unet, text_encoder, tokenizer, bank, world, steps, rng, scaling_fac
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
         weight = snr[t].clamp(max=5) / snr[t]
         loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimize(opt, sched, loss, params)
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in unet.state_dict().items():
@@ -694,8 +694,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    try:
+    with sd.exit_2_on_usage_error():
         if args.command == "build":
             if args.fidelity <= 0 or args.fidelity > 1:
                 raise sd.UsageError(f"--fidelity must be in (0, 1] (got {args.fidelity})")
@@ -713,9 +712,6 @@ def main(argv=None):
             print((Path(args.out) / "results.md").read_text())
         else:
             demo(args)
-    except sd.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
