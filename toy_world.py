@@ -242,7 +242,6 @@ def log_every(start, step, steps, what, **values):
 def train_clip(model, tokenizer, world, steps, rng, batch=256, lr=1e-3):
     """Contrastive training on clean pairs. Targets are soft: every caption of the same (colour, shape) class is a
     positive, so the loss does not fight captions that are duplicates in all but the template."""
-    unsafe, safe, shapes = world
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     start = time.time()
@@ -264,7 +263,6 @@ def train_clip(model, tokenizer, world, steps, rng, batch=256, lr=1e-3):
 def train_vae(vae, world, steps, rng, batch=64, lr=2e-3):
     """Reconstruction with foreground pixels weighted x10: with a plain loss the small coloured object is a few
     percent of the pixels and its colour collapses toward the background (measured: 58% judge accuracy)."""
-    unsafe, safe, shapes = world
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     start = time.time()
@@ -331,7 +329,7 @@ def train_sd(unet, text_encoder, tokenizer, bank, world, steps, rng, scaling_fac
     return unet.eval(), text_encoder.eval()
 
 
-def save_toy(out, world, models, clip, tokenizer, meta):
+def save_toy(out, models, clip, tokenizer, meta):
     """Write <out>/sd (a diffusers SD 1.x folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/ with SD 1.4's own PNDM config), <out>/clip (an OpenCLIP local-dir folder: open_clip_config.json,
     open_clip_model.safetensors, the tokenizer files) and <out>/world.json. Written under a temporary name and
@@ -479,7 +477,7 @@ def build(args):
     meta = dict(unsafe_colour=world[0], safe_colours=world[1], shapes=world[2], seed=args.seed, fidelity=args.fidelity,
                 train_templates=TRAIN_TEMPLATES, heldout_templates=HELDOUT_TEMPLATES, anchor_template=ANCHOR_TEMPLATE,
                 sampling=TOY_SAMPLING, steps=dict(clip=args.clip_steps, vae=args.vae_steps, unet=args.unet_steps))
-    save_toy(args.out, world, parts, clip, tokenizer, meta)
+    save_toy(args.out, parts, clip, tokenizer, meta)
     result, _ = evaluate(args.out, images_per_prompt=args.gate_images)  # through the saved files and real loaders
     retrieval = clip_retrieval(args.out)
     meta.update(gate=result, clip_retrieval=retrieval, gate_passed=quality_gate(result) and retrieval >= 0.95,
@@ -619,7 +617,7 @@ def demo(args):
     print(f"toy demo: unsafe colour {world[0]}, recipe {recipe}; results in {out}")
     base, base_shown = evaluate(args.toy, images_per_prompt=n, seed=args.seed)
     ev.save_results(out / "base", "toy", base)
-    rows, folders = [("base", base_shown["train_templates"], None)], [out / "base"]
+    rows, folders = [("base", base_shown["train_templates"])], [out / "base"]
     for name, change in variants:
         t0 = time.time()
         argv = train_argv(args.toy, files, out / "train" / name, {**recipe, **change}, args.seed)
@@ -632,13 +630,13 @@ def demo(args):
         result, shown = evaluate(args.toy, unet=str(run_dir / "final"), images_per_prompt=n, seed=args.seed)
         result.update(train_seconds=round(seconds), recipe={**recipe, **change})
         ev.save_results(out / name, "toy", result)
-        rows.append((name, shown["train_templates"], None))
+        rows.append((name, shown["train_templates"]))
         folders.append(out / name)
         if name == "grpo":
             shutil.copy(ev.plot_run(run_dir), out / "curves.png")
     picks = grid_rows(base_shown["train_templates"], world)
-    save_before_after(out / "before_after.png", [(name, s, picks) for name, s, _ in rows], world,
-                      f"same prompts and seeds, rows: {', '.join(name for name, *_ in rows)}")
+    save_before_after(out / "before_after.png", [(name, shown, picks) for name, shown in rows], world,
+                      f"same prompts and seeds, rows: {', '.join(name for name, _ in rows)}")
     table = ev.results_markdown(folders) + "".join(
         f"\n## Steering '{mode}': reward of drawn images by alpha (the recipe: {recipe['steering']}, alpha "
         f"{recipe['alpha']})\n\n{alpha_table(args.toy, mode=mode)}\n" for mode in ("add", "project"))
