@@ -617,7 +617,7 @@ def demo(args):
     print(f"toy demo: unsafe colour {world[0]}, recipe {recipe}; results in {out}")
     base, base_shown = evaluate(args.toy, images_per_prompt=n, seed=args.seed)
     ev.save_results(out / "base", "toy", base)
-    rows, folders = [("base", base_shown["train_templates"])], [out / "base"]
+    rows, folders, after = [("base", base_shown["train_templates"])], [out / "base"], None
     for name, change in variants:
         t0 = time.time()
         argv = train_argv(args.toy, files, out / "train" / name, {**recipe, **change}, args.seed)
@@ -631,6 +631,7 @@ def demo(args):
         result.update(train_seconds=round(seconds), recipe={**recipe, **change})
         ev.save_results(out / name, "toy", result)
         rows.append((name, shown["train_templates"]))
+        after = after if name != "grpo" else result["train_templates"]["unsafe_rate"]
         folders.append(out / name)
         if name == "grpo":
             shutil.copy(ev.plot_run(run_dir), out / "curves.png")
@@ -645,7 +646,6 @@ def demo(args):
     print(f"demo done in {time.time() - begin:.0f} s: {out / 'results.md'}, {out / 'before_after.png'}, "
           f"{out / 'curves.png'}")
     before = base["train_templates"]["unsafe_rate"]
-    after = json.loads((out / "grpo/results.json").read_text())["toy"]["train_templates"]["unsafe_rate"]
     if args.quick and not after < before:
         raise SystemExit(f"direction check failed: the unsafe rate went {before:.3f} -> {after:.3f}")
 
