@@ -2,16 +2,17 @@
 
 Absolute times on shared machines drift; ratios taken in the same run, with the two contenders
 interleaved repeat by repeat, hold. Nothing here is a test: tests assert behaviour, this measures.
+Numbered in the order they run (memory first, while this process is still small):
 
-  1. sampling   our sample_with_logprob vs diffusers' StableDiffusionPipeline (DDIM, same UNet, steps,
-                guidance, batch, seed), with and without VAE decoding. Goal: ratio <= 1.03.
-  2. reward     our batched in-memory steering reward vs the release's path (each image written as JPEG,
-                reopened, preprocessed by PIL and scored alone). Speed-up and the reward change JPEG causes.
-  3. training   one trained timestep inside grpo_update vs its floor (guided UNet forward pair with grad +
-                backward, + reference forward with KL on). Goal: overhead <= 10%. Plus one full step by phase.
-  4. memory     one training micro-step (forward pair + backward + AdamW) for full fine-tune and LoRA, with and
+  1. memory     one training micro-step (forward pair + backward + AdamW) for full fine-tune and LoRA, with and
                 without gradient checkpointing, each in a fresh process; the predicted peak of the default
                 config on a 24 GB GPU and the largest micro-batch that fits.
+  2. sampling   our sample_with_logprob vs diffusers' StableDiffusionPipeline (DDIM, same UNet, steps,
+                guidance, batch, seed), with and without VAE decoding. Goal: ratio <= 1.03.
+  3. reward     our batched in-memory steering reward vs the release's path (each image written as JPEG,
+                reopened, preprocessed by PIL and scored alone). Speed-up and the reward change JPEG causes.
+  4. training   one trained timestep inside grpo_update vs its floor (guided UNet forward pair with grad +
+                backward, + reference forward with KL on). Goal: overhead <= 10%. Plus one full step by phase.
   5. scaling    seconds per step as group size and denoising steps double; fitted cost per UNet forward.
 
 Run:  python bench.py --tiny                 (about two minutes on 2 CPU cores)
@@ -40,6 +41,7 @@ GIB = 2**30
 
 
 def timed(fn, device):
+    """Seconds one call of `fn` takes, waiting for CUDA work before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t = time.perf_counter()
@@ -72,15 +74,19 @@ def sd_parts(full_size, seed=0, reward=True):
         m["unet"] = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
         m["vae"] = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
-        m["text_encoder"] = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                                         num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+        m["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            max_position_embeddings=77, hidden_act="quick_gelu"))
         if reward:
-            m["reward_model"] = open_clip.create_model("ViT-H-14", pretrained=None, device=torch.get_default_device()).eval()
+            m["reward_model"] = open_clip.create_model("ViT-H-14", pretrained=None,
+                                                       device=torch.get_default_device()).eval()
     return m
 
 
 # ---------------------------------------------------------------------------------------------------
 def bench_sampling(m, args, device, res):
+    """Our sampler against diffusers' StableDiffusionPipeline on the same UNet, scheduler settings, guidance,
+    batch and seed, with and without decoding the latents."""
     from diffusers import StableDiffusionPipeline
     B, T, w = args.batch, args.steps, 5.0
     unet, vae, sched = m["unet"].to(device), m["vae"].to(device), m["scheduler"]
@@ -93,12 +99,15 @@ def bench_sampling(m, args, device, res):
     pipe.set_progress_bar_config(disable=True)
     out = {}
     for decode in (False, True):
-        ours = lambda: sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=w, eta=1.0,  # noqa: E731
-                                              generator=torch.Generator().manual_seed(0), resolution=res,
-                                              vae=vae if decode else None)
-        theirs = lambda: pipe(prompt_embeds=emb, negative_prompt_embeds=neg.expand(B, -1, -1), num_inference_steps=T,  # noqa: E731
-                              guidance_scale=w, eta=1.0, height=res, width=res, generator=torch.Generator().manual_seed(0),
-                              output_type="pt" if decode else "latent")
+        def ours():
+            return sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=w, eta=1.0,
+                                          generator=torch.Generator().manual_seed(0), resolution=res,
+                                          vae=vae if decode else None)
+
+        def theirs():
+            return pipe(prompt_embeds=emb, negative_prompt_embeds=neg.expand(B, -1, -1), num_inference_steps=T,
+                        guidance_scale=w, eta=1.0, height=res, width=res, generator=torch.Generator().manual_seed(0),
+                        output_type="pt" if decode else "latent")
         with torch.no_grad():
             t = side_by_side({"ours": ours, "diffusers": theirs}, args.repeats, device, args.warmup)
         out["with_decode" if decode else "latents_only"] = dict(t, ratio=t["ours"]["median"] / t["diffusers"]["median"])
@@ -110,11 +119,13 @@ def bench_reward(m, args, device, res):
     import open_clip
     from PIL import Image
     model, tok = m["reward_model"].to(device), m["reward_tokenizer"]
-    transform = open_clip.image_transform(sd.clip_image_size(model), is_train=False, mean=model.visual.image_mean, std=model.visual.image_std)
-    safe, unsafe = sd.read_lines(sd.HERE / "prompts/anchors_safe.txt", ""), sd.read_lines(sd.HERE / "prompts/anchors_unsafe.txt", "")
+    transform = open_clip.image_transform(model.visual.image_size, is_train=False, mean=model.visual.image_mean,
+                                          std=model.visual.image_std)
+    safe, unsafe = (sd.read_lines(sd.PROMPTS / f"anchors_{kind}.txt", kind) for kind in ("safe", "unsafe"))
     fn = sd.make_steering_reward_fn(model, tok, safe, unsafe)
     images = torch.rand(args.batch * 2, 3, res, res, generator=torch.Generator().manual_seed(0))
-    images = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 8), size=res, mode="bilinear")  # smooth
+    images = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(images, 8), size=res,
+                                             mode="bilinear")  # smooth, like images rather than noise
     prompts = ["a photo of a cat"] * len(images)
     tmp = Path(tempfile.mkdtemp())
 
@@ -128,56 +139,51 @@ def bench_reward(m, args, device, res):
             t_emb = model.encode_text(tok([p]).to(device))
             scores.append(sd.steering_reward(model.encode_image(pixels), t_emb, fn.direction))
         return torch.cat(scores)
-    t = side_by_side({"ours_batched": lambda: fn(images, prompts), "release_jpeg_one_by_one": release}, args.repeats, device, args.warmup)
+    t = side_by_side({"ours_batched": lambda: fn(images, prompts), "release_jpeg_one_by_one": release}, args.repeats,
+                     device, args.warmup)
     diff = (fn(images, prompts).cpu() - release().cpu()).abs()
     return dict(t, speedup=t["release_jpeg_one_by_one"]["median"] / t["ours_batched"]["median"],
                 reward_abs_diff_mean=diff.mean().item(), reward_abs_diff_max=diff.max().item(), images=len(images))
 
 
 def bench_training(m, args, device, res, kl_coef):
+    """One trained timestep inside grpo_update against its floor: the guided UNet forward pair with grad and its
+    backward (+ the reference's forward pair with KL on), which no implementation can skip."""
     tb, T = args.batch, args.steps
     # full size: the default config's levers (bf16 autocast, bf16 reference, gradient checkpointing); tiny: fp32
-    targs = sd.parse_args((["--tiny"] if not args.full_size else ["--mixed-precision", "bf16", "--gradient-checkpointing"]) + [
-        "--num-inference-steps", str(T), "--train-batch-size", str(tb), "--gradient-accumulation-steps", "1",
-        "--kl-coef", str(kl_coef), "--resolution", str(res)])
-    dtype = torch.bfloat16 if targs.mixed_precision == "bf16" else torch.float32
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
-    unet = m["unet"]
-    ref = sd.setup_unet(unet, targs, dtype)
-    if targs.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.to(device).train()
-    ref = ref.to(device) if ref is not None else None
+    levers = ["--tiny"] if not args.full_size else ["--mixed-precision", "bf16", "--gradient-checkpointing"]
+    targs = sd.parse_args(levers + ["--num-inference-steps", str(T), "--train-batch-size", str(tb), "--device",
+                                    device.type, "--gradient-accumulation-steps", "1", "--kl-coef", str(kl_coef),
+                                    "--resolution", str(res)])
+    policy = sd.setup_policy(m, targs, device)  # as train() sets it up
+    unet, ref, neg = policy.unet, policy.ref_unet, policy.negative_embeds
     emb = torch.randn(tb, 77, unet.config.cross_attention_dim, device=device)
-    neg = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
-    sched = m["scheduler"]
     with torch.no_grad():
-        traj = sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=5.0,
+        traj = sd.sample_with_logprob(unet, policy.scheduler, emb, neg, num_inference_steps=T, guidance_scale=5.0,
                                       generator=torch.Generator().manual_seed(0), resolution=res)
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
     adv = torch.randn(tb, device=device)
     x, t = traj["latents"][:, 0], traj["timesteps"][:, 0].to(device)
+    pair = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg.expand(tb, -1, -1), emb]))  # CFG's two halves
 
     def floor():  # what one trained timestep cannot do without, done T - 1 times
         for _ in range(T - 1):
-            with autocast():
-                unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg.expand(tb, -1, -1), emb])).sample.float().sum().backward()
+            with policy.autocast():
+                unet(*pair).sample.float().sum().backward()
             if kl_coef:
-                with torch.no_grad(), autocast():
-                    ref(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg.expand(tb, -1, -1), emb]).to(dtype))
-        opt.zero_grad(set_to_none=True)
-    params = [p for p in unet.parameters() if p.requires_grad]
+                with torch.no_grad(), policy.autocast():
+                    ref(*pair)
+        policy.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_step():  # paid once per optimizer step, not per timestep: measured apart, then amortised
-        for p in params:
+        for p in policy.params:
             p.grad = torch.zeros_like(p)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(policy.params, 1.0)
+        policy.optimizer.step()
+        policy.optimizer.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(0)
-    ours = lambda: sd.grpo_update(unet, ref, sched, opt, scaler, traj, adv, neg, targs, gen, autocast)  # noqa: E731
-    r = side_by_side({"grpo_update": ours, "floor": floor, "optimizer_step": optimizer_step}, args.repeats, device, args.warmup)
+    ours = lambda: sd.grpo_update(traj, adv, policy, targs, gen)  # noqa: E731
+    r = side_by_side({"grpo_update": ours, "floor": floor, "optimizer_step": optimizer_step}, args.repeats, device,
+                     args.warmup)
     n = T - 1  # trained timesteps per call, all in one micro-batch and one optimizer step
     per = {k: {s: v / n for s, v in r[k].items()} for k in ("grpo_update", "floor")}
     # The default config makes one optimizer step per 16 micro-batches x 49 timesteps = 784 trained timesteps
@@ -189,39 +195,33 @@ def bench_training(m, args, device, res, kl_coef):
                 overhead_default_config=(loop + r["optimizer_step"]["median"] / per_opt) / per["floor"]["median"] - 1)
 
 
-def bench_phases(args, res):
-    """One full step of train() broken down by phase (the second step: the first one warms up)."""
+def bench_phases():
+    """One full step of train() on the tiny models, broken down by phase (the second step: the first warms up)."""
     with tempfile.TemporaryDirectory() as d:
-        argv = ["--tiny"] if not args.full_size else ["--model", "unused"]
-        a = sd.parse_args(argv + ["--steps", "2", "--output-dir", d, "--save-every", "1", "--sample-every", "1"])
+        a = sd.parse_args(["--tiny", "--steps", "2", "--output-dir", d, "--save-every", "1", "--sample-every", "1"])
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             run = sd.train(a, reward_fn=lambda im, p: im.mean(dim=(1, 2, 3)))
         row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    phases = {k[len("seconds_"):]: v for k, v in row.items() if k.startswith("seconds_")}
-    phases["log_and_other"] = row["seconds"] - sum(phases.values())
-    return dict(seconds=row["seconds"], phases=phases)
+    return dict(seconds=row["seconds"], phases={k[len("seconds_"):]: v for k, v in row.items()
+                                                if k.startswith("seconds_")})
 
 
 def bench_scaling(args, device):
     """Seconds per step (sample + train) as G and T double; fit seconds = c x UNet forward-equivalents.
     Forward-equivalents: sampling 2 B T (CFG pair); training 3 x 2 B (T - 1) (backward ~ 2 forwards)."""
-    m = sd_parts(False)
-    unet, sched = m["unet"].to(device), m["scheduler"]
-    targs = sd.parse_args(["--tiny", "--gradient-accumulation-steps", "1", "--train-batch-size", "4"])
-    sd.setup_unet(unet, targs, torch.float32)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    targs = sd.parse_args(["--tiny", "--gradient-accumulation-steps", "1", "--train-batch-size", "4", "--device",
+                           device.type])
+    policy = sd.setup_policy(sd_parts(False), targs, device)
     rows = []
     for G, T in [(4, 4), (8, 4), (16, 4), (4, 8), (4, 16)]:
         targs.num_inference_steps = T
-        emb, neg = torch.randn(G, 77, 32, device=device), torch.randn(1, 77, 32, device=device)
+        emb = torch.randn(G, 77, 32, device=device)
 
         def step():
-            with torch.no_grad():
-                traj = sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=4.5,
-                                              generator=torch.Generator().manual_seed(0), resolution=64)
-            sd.grpo_update(unet, None, sched, opt, scaler, {**traj, "prompt_embeds": emb}, torch.randn(G), neg, targs,
-                           torch.Generator().manual_seed(0), contextlib.nullcontext)
+            traj = sd.sample_with_logprob(policy.unet, policy.scheduler, emb, policy.negative_embeds,
+                                          num_inference_steps=T, guidance_scale=4.5, resolution=64,
+                                          generator=torch.Generator().manual_seed(0))
+            sd.grpo_update(traj, torch.randn(G), policy, targs, torch.Generator().manual_seed(0))
         t = side_by_side({"step": step}, args.repeats, device, args.warmup)["step"]
         rows.append(dict(group_size=G, steps=T, seconds=t, forward_equivalents=2 * G * T + 6 * G * (T - 1)))
     fe = torch.tensor([r["forward_equivalents"] for r in rows], dtype=torch.float64)
@@ -267,13 +267,14 @@ def memory_case(case, full_size, device):
                     torch.randn(2, 77, D, device=device)).sample.float().mean()
     loss.backward()
     opt.step()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = sd.peak_memory_gb(device) * GIB
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    return dict(case=case, peak_gib=peak / GIB, before_step_gib=before / GIB, params=sum(p.numel() for p in unet.parameters()),
-                trainable=trainable)
+    return dict(case=case, peak_gib=peak / GIB, before_step_gib=before / GIB, trainable=trainable,
+                params=sum(p.numel() for p in unet.parameters()))
 
 
 def current_memory(device):
+    """Memory in use now, in bytes: CUDA allocated, or the resident set on the CPU."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
@@ -284,16 +285,21 @@ def frozen_params():
     with torch.device("meta"):
         m = sd_parts(True)
     n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    return dict(unet=n(m["unet"]), vae=n(m["vae"]), text_encoder=n(m["text_encoder"]), reward_vit_h_14=n(m["reward_model"]))
+    return dict(unet=n(m["unet"]), vae=n(m["vae"]), text_encoder=n(m["text_encoder"]),
+                reward_vit_h_14=n(m["reward_model"]))
 
 
 def bench_memory(args, device):
+    """Each memory case in a fresh process, then the default config's predicted peak on a 24 GB GPU from
+    parameter counts and the measured activations of one trajectory."""
     cases = {}
     for case in ("full", "full-ckpt", "lora", "lora-ckpt"):
-        cmd = [sys.executable, __file__, "--memory-case", case, "--device", device.type] + ["--full-size"] * args.full_size
+        cmd = [sys.executable, __file__, "--memory-case", case, "--device", device.type]
+        cmd += ["--full-size"] * args.full_size
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"memory case {case} failed (exit {proc.returncode}; -9 = killed, likely out of memory):\n"
+            raise RuntimeError(f"memory case {case} failed (exit {proc.returncode}; -9 = killed, likely out of "
+                               "memory):\n"
                                + proc.stderr[-2000:])
         cases[case] = json.loads(proc.stdout.strip().splitlines()[-1])
     p = frozen_params()
@@ -352,6 +358,7 @@ def gpu_check(args, device):
 
 
 def machine():
+    """What the figures were measured on: Python, torch and library versions, CPU, threads, GPU."""
     return dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
                 cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -359,45 +366,56 @@ def machine():
 
 
 def fmt(t):
+    """min / median / max seconds as milliseconds, for the report."""
     return f"{t['median'] * 1e3:9.1f} ms (min {t['min'] * 1e3:.1f}, max {t['max'] * 1e3:.1f})"
 
 
 def report(r):
+    """The figures of one bench.json as the printed tables."""
     out = io.StringIO()
     p = lambda *a: print(*a, file=out)  # noqa: E731
-    p(f"# bench.py {r['mode']} on {r['device']} ({r['machine']['cpu']}, {r['machine']['threads']} threads, torch {r['machine']['torch']})")
+    mach = r["machine"]
+    p(f"# bench.py {r['mode']} on {r['device']} ({mach['cpu']}, {mach['threads']} threads, torch {mach['torch']})")
     for k, v in r["sampling"].items():
-        p(f"sampling {k:13s} ours {fmt(v['ours'])} | diffusers {fmt(v['diffusers'])} | ratio {v['ratio']:.3f} (goal <= 1.03)")
+        p(f"sampling {k:13s} ours {fmt(v['ours'])} | diffusers {fmt(v['diffusers'])} | ratio {v['ratio']:.3f} "
+          "(goal <= 1.03)")
     rw = r["reward"]
-    p(f"reward   ours batched {fmt(rw['ours_batched'])} | release JPEG one-by-one {fmt(rw['release_jpeg_one_by_one'])} | "
-      f"speed-up {rw['speedup']:.2f}x | |reward diff| mean {rw['reward_abs_diff_mean']:.2e} max {rw['reward_abs_diff_max']:.2e}")
+    p(f"reward   ours batched {fmt(rw['ours_batched'])} | release JPEG one-by-one "
+      f"{fmt(rw['release_jpeg_one_by_one'])} | speed-up {rw['speedup']:.2f}x | |reward diff| mean "
+      f"{rw['reward_abs_diff_mean']:.2e} max {rw['reward_abs_diff_max']:.2e}")
     for tr in r["training"]:
         p(f"training kl_coef {tr['kl_coef']}: per trained timestep {fmt(tr['per_timestep']['grpo_update'])} vs floor "
           f"{fmt(tr['per_timestep']['floor'])} | overhead {100 * tr['overhead_measured']:+.1f}% as measured "
           f"(optimizer step {tr['optimizer_step']['median']:.3f} s in {r['settings']['steps'] - 1} timestep(s)), "
-          f"{100 * tr['overhead_default_config']:+.1f}% with the default config's 784 timesteps per optimizer step (goal <= 10%)")
+          f"{100 * tr['overhead_default_config']:+.1f}% with the default config's 784 timesteps per optimizer step "
+          "(goal <= 10%)")
     ph = r["phases"]
     if ph["phases"]:
-        p(f"one step {ph['seconds']:.2f} s (tiny defaults): " + ", ".join(f"{k} {v:.3f}" for k, v in ph["phases"].items()))
+        p(f"one step {ph['seconds']:.2f} s (tiny defaults, checkpoint and grid not counted): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in ph["phases"].items()))
     for c in r["memory"]["cases"].values():
         p(f"memory   {c['case']:10s} peak {c['peak_gib']:6.2f} GiB (before the step {c['before_step_gib']:.2f}) | "
           f"{c['trainable']:,} of {c['params']:,} params trainable")
     mem = r["memory"]
     if r["mode"] == "tiny":
-        p("memory   (tiny: process baseline dominates; run --full-size for the SD 1.x figures and the 24 GB prediction)")
+        p("memory   (tiny: process baseline dominates; run --full-size for the SD 1.x figures and the 24 GB "
+          "prediction)")
     else:
         p(f"memory   default config on a 24 GB GPU: predicted peak {mem['predicted_default_peak_gib']:.1f} GiB "
-          f"(static {sum(mem['static_gib'].values()):.1f} GiB + 2 x {mem['activations_per_trajectory_gib']:.2f} GiB activations); "
+          f"(static {sum(mem['static_gib'].values()):.1f} GiB + 2 x {mem['activations_per_trajectory_gib']:.2f} GiB "
+          "activations); "
           f"largest micro-batch {mem['largest_micro_batch_24gb']}")
     sc = r["scaling"]
     for row in sc["rows"]:
         p(f"scaling  G {row['group_size']:2d} T {row['steps']:2d}: {row['seconds']['median']:.3f} s, "
           f"predicted {row['predicted']:.3f} s ({row['forward_equivalents']} forward-equivalents)")
-    p(f"scaling  cost model: {sc['seconds_per_forward_equivalent'] * 1e3:.2f} ms per UNet forward-equivalent (tiny UNet)")
+    p(f"scaling  cost model: {sc['seconds_per_forward_equivalent'] * 1e3:.2f} ms per UNet forward-equivalent "
+      "(tiny UNet)")
     return out.getvalue()
 
 
 def main():
+    """The command line: the five measures (or --gpu-check, or one --memory-case in a child process)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--tiny", action="store_true", help="tiny random models (default)")
@@ -433,7 +451,7 @@ def main():
     m.pop("reward_model")  # frees ViT-H's 4 GB before the full-size training step needs the room
     r["training"] = [bench_training(m if args.full_size else sd_parts(False), args, device, res, kl)
                      for kl in ((0.01,) if slow else (0.0, 0.01))]
-    r["phases"] = bench_phases(args, res) if not args.full_size else dict(seconds=None, phases={})  # needs real weights
+    r["phases"] = bench_phases() if not args.full_size else dict(seconds=None, phases={})  # tiny models only
     say("5/5 scaling: group size and denoising steps doubled")
     r["scaling"] = bench_scaling(args, device)
     Path(args.out).write_text(json.dumps(r, indent=2))

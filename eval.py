@@ -118,10 +118,12 @@ def build_pipeline(args):
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
+                                                           requires_safety_checker=False)
         except (OSError, ValueError) as e:
-            raise sd.UsageError(f"cannot load Stable Diffusion '{args.model}' ({type(e).__name__}); download it with "
-                                f"`hf download {args.model} --local-dir models/sd` and pass --model models/sd") from None
+            raise sd.UsageError(f"cannot load Stable Diffusion '{args.model}' ({type(e).__name__}); download it "
+                                f"with `hf download {args.model} --local-dir models/sd` and pass --model models/sd"
+                                ) from None
     if args.unet:
         folder = Path(args.unet)
         folder = folder / "unet" if (folder / "unet").is_dir() else folder
@@ -217,11 +219,13 @@ def relative_position(box_a, box_b, margin=0.1):
     if np.all(np.abs(shrunk) < 1e-3):
         return set()
     dx, dy = shrunk / np.linalg.norm(offset)
-    return {name for name, on in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)) if on}
+    sides = (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5))
+    return {name for name, on in sides if on}
 
 
 def keep_detections(raw, tag, max_objects=16):
-    """raw: {class: [(score, box, ...)]}. GenEval keeps score > 0.3 (0.9 for counting), at most 16 per class, best first."""
+    """raw: {class: [(score, box, ...)]}. GenEval keeps score > 0.3 (0.9 for counting), at most 16 per class,
+    best first."""
     threshold = 0.9 if tag == "counting" else 0.3
     return {c: sorted([d for d in ds if d[0] > threshold], key=lambda d: -d[0])[:max_objects] for c, ds in raw.items()}
 
@@ -288,15 +292,8 @@ def protocol(benchmark, args, jobs):
 
 def load_clip(args):
     """CLIP ViT-L/14 with OpenAI's weights and QuickGELU: Q16's image encoder, the colour classifier, the CLIP score."""
-    import open_clip
     if args.tiny:  # random, but with Q16's 768-d embedding so the real prompt files fit
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            model = open_clip.CLIP(embed_dim=768, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
-                                   text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
-                                   quick_gelu=True)
-        model.visual.image_mean, model.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        model, tokenizer = sd.tiny_clip(768, args.seed, quick_gelu=True)
     else:
         model, tokenizer = sd.load_reward_model(OPENAI_CLIP, args.clip_pretrained)
     return model.to(args.device), tokenizer
@@ -328,6 +325,8 @@ def load_nudenet():
 
 
 def score_i2p(args, jobs, out):
+    """The I2P protocol on the generated images in `out`: Q16 on every image, NudeNet's detections, and the
+    protocol's criterion (Q16 alone, or Q16 OR NudeNet); rates overall and per category."""
     spec = I2P_PROTOCOLS[args.protocol]
     files = [out / f for j in jobs for f in j["files"]]
     cats = [j["categories"] for j in jobs for _ in j["files"]]
@@ -350,6 +349,7 @@ def score_i2p(args, jobs, out):
 # INDEX to a name through this list; the transformers checkpoints' id2label uses mmdet's names ("mouse",
 # "remote", "keyboard"), which no GenEval prompt asks for.
 def geneval_names():
+    """GenEval's 80 object names, in the detector's label order."""
     return (PROMPTS / "geneval_object_names.txt").read_text(encoding="utf-8").split("\n")[:80]
 
 
@@ -362,8 +362,9 @@ def load_detector(args):
         names = [mmdet.get(n, n) for n in geneval_names()]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                                  window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+            backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                  num_heads=[1, 1, 2, 2], window_size=4,
+                                  out_features=["stage1", "stage2", "stage3", "stage4"])
             model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
                 backbone_config=backbone, num_labels=80, hidden_dim=32, mask_feature_size=32, feature_size=32,
                 num_queries=20, encoder_layers=1, decoder_layers=2, encoder_feedforward_dim=64, dim_feedforward=64,
@@ -424,6 +425,8 @@ def colour_classifier(clip, tokenizer, image, cache):
 
 
 def score_geneval(args, jobs, out):
+    """GenEval's rules on the generated images: Mask2Former detections, kept and counted as GenEval keeps them,
+    the colour step with CLIP; the share of correct images per task and the mean over tasks."""
     model, processor = load_detector(args)
     clip, tokenizer = load_clip(args)
     tags, correct, cache = [], [], {}
@@ -438,6 +441,8 @@ def score_geneval(args, jobs, out):
 
 
 def score_coco(args, jobs, out):
+    """COCO: the CLIP score (100 x max(cos, 0), mean) of each image with its caption; FID against real COCO
+    images when --coco-images is given (pytorch-fid)."""
     clip, tokenizer = load_clip(args)
     files = [out / j["files"][0] for j in jobs]
     with torch.no_grad():
@@ -458,6 +463,7 @@ def score_coco(args, jobs, out):
 
 
 def save_results(out_root, benchmark, result):
+    """Merge `result` into out_root/results.json under `benchmark` and rewrite results.md from it."""
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     path = out_root / "results.json"
@@ -469,6 +475,7 @@ def save_results(out_root, benchmark, result):
 
 
 def dig(d, *keys):
+    """d[k1][k2]..., or None where a level is missing (older results.json files lack some fields)."""
     for k in keys:
         d = d.get(k) if isinstance(d, dict) else None
     return d
@@ -517,7 +524,8 @@ def results_markdown(dirs):
         rows = [("CLIP score", [f"{r['coco']['clip_score']:.2f}" if "coco" in r else "-" for _, r in runs]),
                 ("FID", [str(r.get("coco", {}).get("fid", "-")) for _, r in runs])]
         table("COCO-3k", first("coco")["protocol"], rows)
-    return "\n".join(["# Results", "", "Models: " + "; ".join(f"{n} = {r.get('model', '?')}" for n, r in runs), ""] + lines)
+    models = "Models: " + "; ".join(f"{n} = {r.get('model', '?')}" for n, r in runs)
+    return "\n".join(["# Results", "", models, ""] + lines)
 
 
 def plot_run(run_dir):
@@ -560,7 +568,10 @@ def plot_run(run_dir):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Command line -> argparse namespace; --resolution and --num-inference-steps default to the protocols'
+    (512 px, 50 steps), or 64 px and 4 steps with --tiny."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--benchmark", choices=["i2p", "geneval", "coco"], help="what to generate and score")
     p.add_argument("--protocol", default="release", choices=sorted(I2P_PROTOCOLS),
                    help="i2p: release = RECE's generation + Q16 alone (the paper's 48.9%%); official = "
@@ -569,21 +580,24 @@ def parse_args(argv=None):
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="diffusers SD 1.x repo id or folder")
     p.add_argument("--unet", default="", help="fine-tuned UNet: a run's final/ folder (or its unet/ subfolder)")
     p.add_argument("--lora", default="", help="LoRA weights folder for pipe.load_lora_weights")
-    p.add_argument("--tiny", action="store_true", help="tiny random models: checks the mechanics on CPU, not the numbers")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny random models: checks the mechanics on CPU, not the numbers")
     p.add_argument("--images-per-prompt", type=int, default=0,
                    help="i2p: override the protocol's (1 release, 10 official)")
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0 = all prompts)")
     p.add_argument("--category", default="", choices=("",) + I2P_CATEGORIES, help="i2p: only prompts of this category")
     p.add_argument("--fp16", action="store_true", help="generate in fp16 (labelled; the protocols generate in fp32)")
     p.add_argument("--clip-pretrained", default="openai", help="OpenAI CLIP ViT-L-14 weights: 'openai' or a local file")
-    p.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance", help="GenEval detector: repo id or folder")
+    p.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",
+                   help="GenEval detector: repo id or folder")
     p.add_argument("--coco-images", default="", help="coco: folder of real COCO images for FID (needs pytorch-fid)")
     p.add_argument("--resolution", type=int, default=0, help="image side (default 512; 64 with --tiny)")
     p.add_argument("--num-inference-steps", type=int, default=0, help="default 50 (the protocols); 4 with --tiny")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="generation and scoring device")
-    p.add_argument("--compare", nargs="+", metavar="DIR", help="write results.md comparing these --out folders side by side")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="write results.md comparing these --out folders side by side")
     p.add_argument("--plot", metavar="RUN_DIR", help="draw a training run's curves to RUN_DIR/curves.png")
     args = p.parse_args(argv)
     args.resolution = args.resolution or (64 if args.tiny else 512)
@@ -603,6 +617,8 @@ def benchmark_jobs(args):
 
 
 def run_benchmark(args):
+    """Generate (resumably: finished images are kept), score, save results.json / results.md and a grid of the
+    first images, and print the table."""
     if args.images_per_prompt < 0 or args.limit < 0:
         raise sd.UsageError("--images-per-prompt and --limit must be >= 0 (0 = the protocol's / all prompts)")
     root = Path(args.out)
@@ -630,6 +646,7 @@ def run_benchmark(args):
 
 
 def main(argv=None):
+    """The command line: --benchmark, --compare or --plot; bad input is one line and exit code 2."""
     args = parse_args(argv)
     with sd.exit_2_on_usage_error():
         if args.plot:

@@ -28,6 +28,7 @@ import safediffusion_r1 as sd
 
 @dataclasses.dataclass
 class DPOArgs(sd.Args):
+    """The reference's flags, plus Diffusion-DPO's own under their own --help heading."""
     # -- Diffusion-DPO (the GRPO flags --clip-range, --kl-coef, --adv-clip-max, --timestep-fraction are unused) --
     beta_dpo: float = sd.flag(5000.0, "DPO temperature beta (5000: the Diffusion-DPO SD 1.5 release)", group="DPO")
     focus_gamma: float = sd.flag(0.0, "SC-DPO-style dynamic focusing exponent; 0 = plain Diffusion-DPO")
@@ -65,30 +66,28 @@ def denoising_errors(unet, x0, noise, t, embeds, scheduler):
     return ((eps - noise) ** 2).flatten(1).mean(1)
 
 
-def dpo_step(traj, rewards, *, unet, ref_unet, scheduler, optimizer, scaler, args, gen, autocast, world,
-             **unused):
+def dpo_step(traj, rewards, policy, args, gen):
     """train()'s `update` for DPO: pairs from the step's groups, then --dpo-timesteps noise draws per pair, each
     micro-batch of --train-batch-size pairs one backward; an optimizer step every --gradient-accumulation-steps."""
     win, lose = preference_pairs(rewards, args.group_size, args.min_spread)
     x0, embeds = traj["next_latents"][:, -1], traj["prompt_embeds"]  # final latents (B, C, h, w), (B, 77, D)
-    params = [p for p in unet.parameters() if p.requires_grad]
     infos, grad_norms, skipped = [], [], 0
     batches = [i for _ in range(args.dpo_timesteps) for i in range(0, len(win), args.train_batch_size)]
     for n, i in enumerate(batches, 1):
         w, l = win[i:i + args.train_batch_size], lose[i:i + args.train_batch_size]
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(w),), generator=gen).to(x0.device)
+        t = torch.randint(0, policy.scheduler.config.num_train_timesteps, (len(w),), generator=gen).to(x0.device)
         noise = torch.randn(x0[w].shape, generator=gen).to(x0.device)  # the same (t, eps) for both images
         pair = dict(x0=torch.cat([x0[w], x0[l]]), noise=torch.cat([noise, noise]), t=torch.cat([t, t]),
-                    embeds=torch.cat([embeds[w], embeds[l]]), scheduler=scheduler)
-        with autocast():
-            err = denoising_errors(unet, **pair)
-        with torch.no_grad(), sd.reference_unet(unet, ref_unet) as ref, autocast():
+                    embeds=torch.cat([embeds[w], embeds[l]]), scheduler=policy.scheduler)
+        with policy.autocast():
+            err = denoising_errors(policy.unet, **pair)
+        with torch.no_grad(), sd.reference_unet(policy) as ref, policy.autocast():
             ref_err = denoising_errors(ref, **pair)
         loss, info = dpo_loss(*err.chunk(2), *ref_err.chunk(2), args.beta_dpo, args.focus_gamma)
-        scaler.scale(loss / args.gradient_accumulation_steps).backward()
+        policy.scaler.scale(loss / args.gradient_accumulation_steps).backward()
         infos.append(info)
         if n % args.gradient_accumulation_steps == 0 or n == len(batches):  # a partial last accumulation counts
-            norm = sd.optimizer_step(params, optimizer, scaler, args.max_grad_norm, world)
+            norm = sd.optimizer_step(policy, args.max_grad_norm)
             grad_norms += [norm] if norm is not None else []
             skipped += norm is None
     for info in infos:
@@ -101,6 +100,7 @@ dpo_step.needs_reference = True  # DPO's beta is measured against the frozen sta
 
 
 def main(argv=None):
+    """The fork's command line: the reference's main() with DPOArgs and dpo_step."""
     sd.main(argv, args_class=DPOArgs, update=dpo_step)
 
 

@@ -22,8 +22,9 @@ Run:
   CPU, tiny : python safediffusion_r1.py --tiny --steps 40      (random tiny models: mechanics only)
   evaluate  : python eval.py --help          measure: python bench.py --tiny
 
-Layout: 1 config | 2 models | 3 sampler | 4 reward | 5 GRPO loss | 6 checkpoints | 7 training loop.
-Sections 1-6 do no work at import time; eval.py, bench.py and the tests import them.
+Layout: 1 config | 2 models | 3 sampler | 4 reward | 5 GRPO loss and update | 6 checkpoints and run files
+| 7 training loop | 8 command line. Sections 3-5 are the method; 6 and 8 are plumbing a fork rarely touches.
+Nothing runs at import time: eval.py, bench.py, fork_dpo.py, toy_world.py and the tests import what they need.
 """
 import argparse
 import contextlib
@@ -37,7 +38,10 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+import types
+import typing
 import warnings
 from pathlib import Path
 
@@ -45,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
+PROMPTS = HERE / "prompts"
 
 
 class UsageError(ValueError):
@@ -59,25 +64,31 @@ class TrainingDiverged(RuntimeError):
 # 1. Config
 # ==================================================================================================
 def flag(default, help, **kw):
+    """A command-line flag as a dataclass field: its default, its --help text, and argparse keywords (`choices`,
+    or `group` to open a new heading in --help). parse_args turns each field into --the-field-name."""
     return dataclasses.field(default=default, metadata=dict(help=help, **kw))
 
 
 @dataclasses.dataclass
 class Args:
-    # -- models (a field with `group` starts a new heading in --help) --
+    """Every flag of the trainer: the field's name is the flag (--group-size for group_size), its default the release's
+    value unless its help says otherwise. A fork subclasses it to add its own (fork_dpo.DPOArgs)."""
+    # -- models --
     model: str = flag("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x repo id or local folder", group="models")
     reward_model: str = flag("ViT-H-14", "OpenCLIP architecture, or local-dir:FOLDER / hf-hub:ORG/NAME")
     reward_pretrained: str = flag("laion2b_s32b_b79k", "OpenCLIP pretrained tag or local weights file")
-    reward_checkpoint: str = flag("", "state dict loaded strictly into --reward-model (e.g. HPS_v2.1_compressed.pt, the release's)")
-    tiny: bool = flag(False, "tiny random models built in code: CPU, no downloads; proves the mechanics, not the paper")
+    reward_checkpoint: str = flag("", "state dict loaded strictly into --reward-model (the release's: HPSv2.1)")
+    tiny: bool = flag(False, "tiny random models built in code: CPU, no downloads; the mechanics, not the paper")
     # -- prompts and reward --
-    negative_prompts: str = flag(str(HERE / "prompts/train_negative.txt"), "unsafe training prompts, one per line", group="prompts and reward")
-    positive_prompts: str = flag(str(HERE / "prompts/train_positive.txt"), "benign training prompts, one per line")
+    negative_prompts: str = flag(str(PROMPTS / "train_negative.txt"), "unsafe training prompts, one per line",
+                                 group="prompts and reward")
+    positive_prompts: str = flag(str(PROMPTS / "train_positive.txt"), "benign training prompts, one per line")
     negative_fraction: float = flag(0.5, "fraction of each step's prompts drawn from --negative-prompts")
-    safe_anchors: str = flag(str(HERE / "prompts/anchors_safe.txt"), "safe anchor phrases (anchors_compact_safe.txt = release's compact set)")
-    unsafe_anchors: str = flag(str(HERE / "prompts/anchors_unsafe.txt"), "unsafe anchor phrases")
+    safe_anchors: str = flag(str(PROMPTS / "anchors_safe.txt"), "safe anchors (anchors_compact_safe.txt: release's)")
+    unsafe_anchors: str = flag(str(PROMPTS / "anchors_unsafe.txt"), "unsafe anchor phrases")
     alpha: float = flag(0.5, "steering strength; 0 = plain CLIP score (the release finds 0.3-0.7 alike)")
-    steering: str = flag("add", "add: n(z + alpha v) (release); project: n(z - (z.v)v + alpha v)", choices=["add", "project"])
+    steering: str = flag("add", "add: n(z + alpha v) (release); project: n(z - (z.v)v + alpha v)",
+                         choices=["add", "project"])
     # -- sampling --
     resolution: int = flag(512, "image side in pixels", group="sampling")
     num_inference_steps: int = flag(50, "DDIM steps T")
@@ -90,11 +101,11 @@ class Args:
     prompts_per_step: int = flag(4, "prompts sampled per step (4 per GPU in the release)")
     group_size: int = flag(16, "images per prompt G")
     train_batch_size: int = flag(2, "trajectories per training micro-batch")
-    gradient_accumulation_steps: int = flag(16, "micro-batches per optimizer step (2 x 16 = the release's 8 GPUs x 4)")
+    gradient_accumulation_steps: int = flag(16, "micro-batches per optimizer step (2 x 16 = the release's 8 x 4)")
     timestep_fraction: float = flag(1.0, "fraction of the T-1 trainable denoising steps trained per trajectory")
     clip_range: float = flag(1e-4, "PPO ratio clip epsilon")
     adv_clip_max: float = flag(2.5, "advantages clamped to +-this")
-    kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL, no reference)")
+    kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL)")
     # -- optimisation --
     learning_rate: float = flag(1e-5, "AdamW learning rate", group="optimisation")
     adam_beta1: float = flag(0.9, "AdamW beta1")
@@ -105,7 +116,7 @@ class Args:
     lora_rank: int = flag(0, "0 = full UNet fine-tune (the release); R > 0 = LoRA of rank R (needs peft)")
     # -- memory and speed (diffusers' flag names) --
     gradient_checkpointing: bool = flag(True, "recompute UNet activations in backward", group="memory and speed")
-    mixed_precision: str = flag("bf16", "autocast dtype; frozen models are stored in it", choices=["no", "fp16", "bf16"])
+    mixed_precision: str = flag("bf16", "autocast dtype; frozen models are kept in it", choices=["no", "fp16", "bf16"])
     allow_tf32: bool = flag(True, "TF32 matmuls on Ampere+ GPUs")
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     # -- run --
@@ -114,9 +125,9 @@ class Args:
     run_name: str = flag("", "run folder name (default: date-time)")
     resume: str = flag("", "checkpoint folder, or 'latest' = newest complete checkpoint under --output-dir")
     save_every: int = flag(20, "checkpoint every N steps (and at the end)")
-    checkpoints_total_limit: int = flag(3, "keep the newest N checkpoints of the run, 0 = all (a full one is ~10.5 GB)")
+    checkpoints_total_limit: int = flag(3, "keep the newest N checkpoints, 0 = all (a full one is ~10.5 GB)")
     sample_every: int = flag(20, "captioned sample grid every N steps (and at the end)")
-    max_nonfinite_steps: int = flag(3, "stop after this many steps in a row with a non-finite reward, loss or gradient")
+    max_nonfinite_steps: int = flag(3, "stop after this many steps in a row with a non-finite reward, loss or grad")
     wandb: bool = flag(False, "also log to Weights & Biases")
 
 
@@ -125,12 +136,15 @@ class Args:
 # Flags given explicitly on the command line still win.
 TINY_DEFAULTS = dict(resolution=64, num_inference_steps=8, guidance_scale=4.5, steps=40, prompts_per_step=2,
                      group_size=8, sample_batch_size=16, train_batch_size=8, gradient_accumulation_steps=1,
-                     clip_range=1e-2, learning_rate=2e-3, kl_coef=0.0, mixed_precision="no", gradient_checkpointing=False,
-                     save_every=20, sample_every=20, device="cpu")
+                     clip_range=1e-2, learning_rate=2e-3, kl_coef=0.0, mixed_precision="no",
+                     gradient_checkpointing=False, device="cpu")
+DTYPES = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # --mixed-precision -> autocast dtype
 
 
 def parse_args(argv=None, args_class=Args):
-    """Command line -> `args_class` (Args, or a fork's subclass of it with its own flags)."""
+    """Command line (sys.argv[1:] when None) -> an `args_class` instance: Args, or a fork's subclass of it with its
+    own flags (fork_dpo.DPOArgs). Every dataclass field is a flag; booleans get --x / --no-x; --tiny swaps in
+    TINY_DEFAULTS before parsing, so the flags given explicitly still win."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser
@@ -154,23 +168,27 @@ def check_args(args):
     def need(ok, msg):
         if not ok:
             raise UsageError(msg)
-    need(args.eta > 0, f"--eta must be > 0 (got {args.eta}): with eta = 0 DDIM is deterministic and has no log-probability")
-    need(args.group_size >= 2, f"--group-size must be >= 2 (got {args.group_size}): advantages are normalised within a group")
+    need(args.eta > 0, f"--eta must be > 0 (got {args.eta}): at eta = 0 DDIM is deterministic, no log-probability")
+    need(args.group_size >= 2, f"--group-size must be >= 2 (got {args.group_size}): advantages are per group")
     need(args.learning_rate > 0, f"--learning-rate must be > 0 (got {args.learning_rate})")
     need(0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
     need(0 <= args.negative_fraction <= 1, f"--negative-fraction must be in [0, 1] (got {args.negative_fraction})")
     need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
-    need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0, "--clip-range must be > 0, --kl-coef and --alpha >= 0")
+    need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0,
+         "--clip-range must be > 0, --kl-coef and --alpha >= 0")
     need(args.checkpoints_total_limit >= 0, "--checkpoints-total-limit must be >= 0 (0 = keep all)")
     need(min(args.steps, args.prompts_per_step, args.sample_batch_size, args.train_batch_size,
              args.gradient_accumulation_steps, args.save_every, args.sample_every, args.max_nonfinite_steps) >= 1,
          "counts and sizes must be >= 1")
     need(args.resolution % 64 == 0 or args.tiny, f"--resolution must be a multiple of 64 (got {args.resolution})")
     n = args.prompts_per_step * args.group_size
-    need(n % args.sample_batch_size == 0, f"--sample-batch-size {args.sample_batch_size} must divide the {n} trajectories per step (prompts-per-step x group-size)")
-    need(n % args.train_batch_size == 0, f"--train-batch-size {args.train_batch_size} must divide the {n} trajectories per step")
+    need(n % args.sample_batch_size == 0, f"--sample-batch-size {args.sample_batch_size} must divide the {n} "
+         "trajectories per step (prompts-per-step x group-size)")
+    need(n % args.train_batch_size == 0, f"--train-batch-size {args.train_batch_size} must divide the {n} "
+         "trajectories per step")
     need((n // args.train_batch_size) % args.gradient_accumulation_steps == 0,
-         f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {n // args.train_batch_size} micro-batches per step")
+         f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the "
+         f"{n // args.train_batch_size} micro-batches per step")
 
 
 def read_lines(path, what):
@@ -217,16 +235,29 @@ def clip_tokenizer():
         return CLIPTokenizer(str(vocab), str(merge_file), model_max_length=77)
 
 
+def tiny_clip(embed_dim=32, seed=0, **kw):
+    """A random OpenCLIP model (32 px ViT, 2-layer text tower) with the real vocabulary and OpenAI's pixel
+    statistics; `embed_dim` 768 gives eval.py's Q16 stand-in the size of the real prompt embeddings."""
+    import open_clip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(embed_dim=embed_dim, **kw,
+                               vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
+                               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+    model.visual.image_mean, model.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    return model.eval(), open_clip.get_tokenizer("ViT-B-32")
+
+
 def build_tiny_models(seed=0):
     """Tiny random SD stack + OpenCLIP reward model, no file or network access. Same seed, same weights."""
-    import open_clip
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(  # 0.2 M params; SD's block types at two resolutions
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
         vae = AutoencoderKL(  # 4 blocks = 8x downsampling, like SD's VAE
             block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -234,12 +265,9 @@ def build_tiny_models(seed=0):
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-        reward_model = open_clip.CLIP(embed_dim=32,
-                                      vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
-                                      text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
-    reward_model.visual.image_mean, reward_model.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    reward_model, reward_tokenizer = tiny_clip(32, seed)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=sd_scheduler(),
-                reward_model=reward_model.eval(), reward_tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+                reward_model=reward_model, reward_tokenizer=reward_tokenizer)
 
 
 def load_sd(model):
@@ -258,12 +286,13 @@ def load_sd(model):
                              f"tokenizer/, scheduler/): {type(e).__name__}") from None
         raise UsageError(f"cannot load Stable Diffusion '{model}' offline ({type(e).__name__}); download it with "
                          f"`hf download {model} --local-dir models/sd` and pass --model models/sd") from None
-    ignored = [k for k in ("clip_sample", "thresholding") if parts["scheduler"].config.get(k)]
+    config = parts["scheduler"].config
+    ignored = [k for k in ("clip_sample", "thresholding") if config.get(k)]
     if ignored:
         raise UsageError(f"{model}: its scheduler config sets {' and '.join(ignored)}, which the log-prob DDIM step "
                          "does not implement; set them to false in scheduler/scheduler_config.json")
-    if parts["scheduler"].config.prediction_type != "epsilon":
-        raise UsageError(f"{model} predicts '{parts['scheduler'].config.prediction_type}'; only epsilon (SD 1.x) models are supported")
+    if config.prediction_type != "epsilon":
+        raise UsageError(f"{model} predicts '{config.prediction_type}'; only epsilon (SD 1.x) models are supported")
     return parts
 
 
@@ -309,31 +338,6 @@ def load_reward_model(arch, pretrained, checkpoint=""):
     return model.eval(), open_clip.get_tokenizer(arch)
 
 
-def use_cache_if_hub_unreachable(timeout=3.0):
-    """Without a route to the model hub, the libraries retry each file for minutes before failing. One TCP connect
-    (name lookup included, in a thread so a hanging resolver is bounded too) decides in seconds; if it fails, every
-    loader reads the local cache only (as HF_HUB_OFFLINE=1 does), so a missing model fails at once with our line."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return
-    url, reached = urlparse(constants.ENDPOINT), []
-
-    def connect():
-        try:
-            with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-                reached.append(True)
-        except OSError:
-            pass
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout)
-    if not reached:
-        constants.HF_HUB_OFFLINE = True
-
-
 def load_models(args, reward=True):
     """Everything the loop needs, as a dict of modules. --tiny builds random ones in code. reward=False: a custom
     reward_fn replaces the steering reward, so its encoder is neither loaded nor needed."""
@@ -372,52 +376,62 @@ def decode_latents(vae, latents):
 
 
 # ==================================================================================================
-# 3. Sampler: DDIM with log-probabilities
+# 3. Sampler: DDIM with log-probabilities                                     (the method starts here)
 # ==================================================================================================
-# Notation (paper -> code):  x_t latents | x_{t-1} next_latents | eps model_output (guided) |
-#   abar_t alphas_cumprod[t] | sigma_t std_dev | mu_theta(x_t) prev_mean | log pi(x_{t-1}|x_t) log_prob
-def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
+# Notation, paper -> code, in every file of the project:
+#   x_t latents | x_{t-1} next_latents | t timesteps | c prompt_embeds | eps (guided) eps | abar_t abar_t
+#   (alphas_cumprod[t]) | sigma_t std_dev | mu_theta(x_t) next_mean | log pi_theta(x_{t-1} | x_t) log_prob (the
+#   sampler's: old_log_prob; a trajectory's T of them: log_probs) | r rewards | A advantages | G group_size
+#   | T num_inference_steps
+class DDIMStep(typing.NamedTuple):
+    """ddim_step_with_logprob's result, by position or by name; all float32."""
+    next_latents: torch.Tensor  # x_{t-1}               (B, C, h, w)
+    log_prob: torch.Tensor      # log pi(x_{t-1} | x_t) (B,)
+    next_mean: torch.Tensor     # mu_theta(x_t)         (B, C, h, w)
+    std_dev: torch.Tensor       # sigma_t               (B, 1, 1, 1)
+
+
+def ddim_step_with_logprob(scheduler, eps, timesteps, latents, eta=1.0, next_latents=None, generator=None):
     """One DDIM step x_t -> x_{t-1} as a Gaussian policy (DDIM paper eq. 12, DDPO's formulation).
 
-    model_output, sample: (B, C, H, W); timestep: int or (B,) tensor (training feeds one per sample).
-    Samples x_{t-1} ~ N(mu, sigma_t^2 I), or scores `prev_sample` when given.
-    Returns (prev_sample, log_prob (B,), prev_mean (B, C, H, W), std_dev (B, 1, 1, 1)), all float32.
+    eps, latents: (B, C, h, w); timesteps: int or (B,) tensor (training feeds one per sample).
+    Samples x_{t-1} ~ N(mu, sigma_t^2 I), or scores `next_latents` when given. Returns a DDIMStep, all float32.
+    (DDPO calls these model_output, timestep, sample and prev_sample; the notation table is ours.)
     """
     if eta <= 0:
         raise ValueError(f"eta must be > 0 for a log-probability (got {eta}): at eta = 0 the step is deterministic")
     # All of the step in float32, whatever autocast ran the UNet in: the log-ratio of the update is a
     # difference of two log-probs of size ~1, and bf16's 3 significant digits would drown it.
-    eps, x_t = model_output.float(), sample.float()
-    t = torch.as_tensor(timestep, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
+    eps, x_t = eps.float(), latents.float()
+    t = torch.as_tensor(timesteps, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
     # "leading" spacing: the previous timestep is t - 1000 / T; before 0 diffusers uses final_alpha_cumprod
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     abar = scheduler.alphas_cumprod.to(x_t.device)
     final = torch.as_tensor(scheduler.final_alpha_cumprod, device=x_t.device, dtype=abar.dtype)
-    abar_t = abar[t]
-    abar_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
+    abar_t, abar_prev = abar[t], torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
     abar_t, abar_prev = (a.float().view(-1, *[1] * (x_t.ndim - 1)) for a in (abar_t, abar_prev))
 
     # DDIM eq. 12: predict x_0, then step toward it with variance sigma_t^2 (eta = 1 is DDPM's variance)
     x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
-    std_dev = eta * variance.sqrt()
-    prev_mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std_dev**2).sqrt() * eps
-    if prev_sample is None:
-        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=generator.device if generator else "cpu")
-        prev_sample = prev_mean + std_dev * noise.to(x_t.device)
-    prev_sample = prev_sample.float()
-    # Gaussian log-density, MEAN over (C, H, W) rather than the true sum: with a sum over 16,384 latent
-    # dims one update makes exp(logp_new - logp_old) overflow (reported by the DDPO author), and the
-    # 1e-4 clip range of the release is tuned for this mean scale.
-    log_prob = (-((prev_sample.detach() - prev_mean) ** 2) / (2 * std_dev**2)
+    std_dev = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    next_mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std_dev**2).sqrt() * eps
+    if next_latents is None:
+        device = generator.device if generator else "cpu"
+        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=device)
+        next_latents = next_mean + std_dev * noise.to(x_t.device)
+    next_latents = next_latents.float()
+    # Gaussian log-density, MEAN over (C, H, W) rather than the true sum: with a sum over 16,384 latent dims the
+    # ratio exp(log_prob - old_log_prob) overflowed to NaN after the first update (DDPO's author, jannerm/ddpo issue
+    # #10), and the 1e-4 clip range of the release is tuned for this mean scale.
+    log_prob = (-((next_latents.detach() - next_mean) ** 2) / (2 * std_dev**2)
                 - std_dev.log() - math.log(math.sqrt(2 * math.pi)))
-    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim))), prev_mean, std_dev
+    return DDIMStep(next_latents, log_prob.mean(dim=tuple(range(1, x_t.ndim))), next_mean, std_dev)
 
 
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
     """Classifier-free guided eps = eps_u + w (eps_c - eps_u), both halves in one UNet call.
 
-    latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D).
+    latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D) -> (B, C, h, w).
     """
     b, dtype = latents.shape[0], next(unet.parameters()).dtype  # not unet.dtype: it walks every module, every call
     embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(dtype)
@@ -433,34 +447,32 @@ def initial_noise(n, group, shape, generator):
 
 @torch.no_grad()
 def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_inference_steps=50,
-                        guidance_scale=5.0, eta=1.0, generator=None, latents=None, resolution=512,
-                        noise_group_size=1, vae=None, autocast=contextlib.nullcontext):
+                        guidance_scale=5.0, eta=1.0, generator=None, latents=None, resolution=512, vae=None,
+                        autocast=contextlib.nullcontext):
     """Roll out B trajectories of the stochastic DDIM policy and keep what GRPO needs.
 
-    prompt_embeds (B, 77, D); negative_embeds (1, 77, D). Initial noise is drawn per image from
-    `generator` (a CPU generator, so a seed gives the same run on any device), shared within blocks of
-    `noise_group_size` images if > 1 (the release shares one across the whole batch), or given as `latents`.
+    prompt_embeds (B, 77, D); negative_embeds (1, 77, D). The initial noise x_T is `latents` (B, C, h, w), or drawn
+    per image from `generator` (a CPU generator, so a seed gives the same run on any device).
     Returns a dict:  latents (B, T, C, h, w) x_t | next_latents (B, T, C, h, w) x_{t-1} | log_probs (B, T)
     | timesteps (B, T) | prompt_embeds (B, 77, D) | images (B, 3, H, W) in [0, 1] when `vae` is given.
     """
     device, b = next(unet.parameters()).device, prompt_embeds.shape[0]
     scheduler.set_timesteps(num_inference_steps, device=device)
     if latents is None:
-        latents = initial_noise(b, noise_group_size, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
-    x = latents.to(device, torch.float32)
-    all_latents, all_next, all_logp = [], [], []
+        latents = initial_noise(b, 1, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
+    x_t = latents.to(device, torch.float32)
+    steps = []
     for t in scheduler.timesteps:
-        ts = t.expand(b).to(device)
+        timesteps = t.expand(b).to(device)
         with autocast():
-            eps = guided_eps(unet, x, ts, prompt_embeds, negative_embeds, guidance_scale)
-        x_next, logp, _, _ = ddim_step_with_logprob(scheduler, eps, ts, x, eta=eta, generator=generator)
-        all_latents.append(x), all_next.append(x_next), all_logp.append(logp)
-        x = x_next
-    out = dict(latents=torch.stack(all_latents, 1), next_latents=torch.stack(all_next, 1),
-               log_probs=torch.stack(all_logp, 1), timesteps=scheduler.timesteps.expand(b, -1).clone(),
-               prompt_embeds=prompt_embeds)
+            eps = guided_eps(unet, x_t, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+        step = ddim_step_with_logprob(scheduler, eps, timesteps, x_t, eta=eta, generator=generator)
+        steps.append((x_t, step.next_latents, step.log_prob))
+        x_t = step.next_latents
+    out = {k: torch.stack(v, 1) for k, v in zip(("latents", "next_latents", "log_probs"), zip(*steps))}
+    out.update(timesteps=scheduler.timesteps.expand(b, -1).clone(), prompt_embeds=prompt_embeds)
     if vae is not None:
-        out["images"] = decode_latents(vae, x)
+        out["images"] = decode_latents(vae, x_t)
     return out
 
 
@@ -468,6 +480,7 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
 # 4. Reward: CLIP embeddings steered toward "safe"
 # ==================================================================================================
 def normalize(v):
+    """Unit vectors along the last dimension, in float32: n(v) = v / ||v||.   (..., D) -> (..., D)"""
     return F.normalize(v.float(), dim=-1)
 
 
@@ -506,18 +519,16 @@ def clip_preprocess(images, size, mean, std):
     return (images - mean) / std
 
 
-def clip_image_size(model):
-    size = model.visual.image_size  # OpenCLIP stores an int or an (H, W) pair
-    return size[0] if isinstance(size, (tuple, list)) else size
-
-
 def clip_pixels(model, images):
     """(B, 3, H, W) images in [0, 1] -> an OpenCLIP model's input, with its own size, mean and std."""
-    return clip_preprocess(images, clip_image_size(model), model.visual.image_mean, model.visual.image_std)
+    size = model.visual.image_size  # OpenCLIP stores an int or an (H, W) pair
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return clip_preprocess(images, size, model.visual.image_mean, model.visual.image_std)
 
 
 def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe_anchors, alpha=0.5, mode="add"):
-    """-> reward_fn(images (B, 3, H, W) in [0, 1], prompts list of B str) -> (B,) float32 rewards."""
+    """-> reward_fn(images (B, 3, H, W) in [0, 1], prompts list of B str) -> (B,) float32 rewards;
+    reward_fn.direction is v_safe (D,)."""
     device = next(reward_model.parameters()).device
 
     @torch.no_grad()
@@ -537,7 +548,7 @@ def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe
 
 
 # ==================================================================================================
-# 5. GRPO loss
+# 5. GRPO loss and update                                                      (the method ends here)
 # ==================================================================================================
 def group_advantages(rewards, group_size, clip=2.5):
     """(B,) rewards laid out as B / G consecutive groups -> (B,) advantages.
@@ -563,17 +574,16 @@ def gaussian_kl(mean, ref_mean, std):
 def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0.0):
     """PPO clipped surrogate on one denoising step, plus kl_coef * KL.   All inputs (B,).
 
-    L = mean( max(-A r, -A clip(r, 1 - eps, 1 + eps)) ) + beta mean(KL),   r = exp(logp - logp_old).
-    Returns (loss, info) with the PPO diagnostics: approx_kl = 0.5 mean((logp - logp_old)^2) and
-    clipfrac = share of samples whose ratio left [1 - eps, 1 + eps].
+    L = mean( max(-A r, -A clip(r, 1 - eps, 1 + eps)) ) + beta mean(KL),   r = exp(log_prob - old_log_prob).
+    Returns (loss, info) with the PPO diagnostics. approx_kl = 0.5 mean((log r)^2) is the low-variance "k2"
+    estimate of KL(old || new) (Schulman, "Approximating KL divergence", 2020): never negative, and what DDPO
+    logs, so runs compare. clipfrac = share of samples whose ratio left [1 - eps, 1 + eps].
     """
     ratio = torch.exp(log_prob - old_log_prob)
     policy_loss = torch.maximum(-advantages * ratio,
                                 -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
-    loss = policy_loss
     kl_mean = torch.zeros(()) if kl is None else kl.mean()
-    if kl is not None and kl_coef:
-        loss = loss + kl_coef * kl_mean
+    loss = policy_loss + kl_coef * kl_mean if kl is not None and kl_coef else policy_loss
     with torch.no_grad():
         info = dict(policy_loss=policy_loss.item(), kl=kl_mean.item(),
                     approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
@@ -581,23 +591,113 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0
     return loss, info
 
 
+@contextlib.contextmanager
+def reference_unet(policy):
+    """The starting model pi_ref: the frozen copy, or the policy with its LoRA adapters switched off."""
+    if policy.ref_unet is not None:
+        yield policy.ref_unet
+        return
+    policy.unet.disable_adapters()
+    try:
+        yield policy.unet
+    finally:
+        policy.unet.enable_adapters()
+
+
+def trained_timesteps(args):
+    """How many of a trajectory's T - 1 trainable steps are trained (the last step never is, as in the release)."""
+    return max(1, int((args.num_inference_steps - 1) * args.timestep_fraction))
+
+
+def grpo_update(traj, advantages, policy, args, gen):
+    """TRAIN: PPO-clip over the kept timesteps of every trajectory.
+
+    traj: sample_with_logprob's dict of (B, T, ...) tensors with prompt_embeds (B, 77, D); advantages (B,);
+    policy: setup_policy's namespace; gen: the CPU generator of the run. Each kept timestep of a micro-batch is
+    its own forward and backward (the memory of ONE UNet pass); gradients accumulate over the micro-batch's
+    timesteps and over --gradient-accumulation-steps micro-batches, then optimizer_step. A non-finite loss or
+    gradient skips that optimizer step. -> (one grpo_loss info per trained term, grad norms, skipped steps).
+    """
+    B, T = traj["log_probs"].shape
+    K, device, micro = trained_timesteps(args), traj["latents"].device, args.train_batch_size
+    # Each trajectory trains its kept timesteps in its own random order (the release's per-sample shuffle), so
+    # one micro-batch mixes noise levels instead of stacking all its samples at the same t.
+    perm = torch.stack([torch.randperm(T - 1, generator=gen)[:K] for _ in range(B)]).to(device)  # (B, K)
+    rows = torch.arange(B, device=device)[:, None]
+    kept = {k: traj[k][rows, perm] for k in ("latents", "next_latents", "log_probs", "timesteps")}  # (B, K, ...)
+    order = torch.randperm(B, generator=gen).to(device)  # mix prompts across micro-batches
+    infos, grad_norms, skipped = [], [], 0
+    for m in range(B // micro):
+        idx = order[m * micro:(m + 1) * micro]
+        embeds = traj["prompt_embeds"][idx]
+        for j in range(K):
+            latents, next_latents, timesteps = (kept[k][idx, j] for k in ("latents", "next_latents", "timesteps"))
+            with policy.autocast():
+                eps = guided_eps(policy.unet, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
+            step = ddim_step_with_logprob(policy.scheduler, eps, timesteps, latents, args.eta, next_latents)
+            kl = None
+            if args.kl_coef > 0:  # closed-form KL to pi_ref at the same x_t (same sigma_t): no sampling needed
+                with torch.no_grad(), reference_unet(policy) as ref, policy.autocast():
+                    ref_eps = guided_eps(ref, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
+                ref_step = ddim_step_with_logprob(policy.scheduler, ref_eps, timesteps, latents, args.eta, next_latents)
+                kl = gaussian_kl(step.next_mean, ref_step.next_mean, step.std_dev)
+            loss, info = grpo_loss(step.log_prob, kept["log_probs"][idx, j], advantages[idx], args.clip_range, kl,
+                                   args.kl_coef)
+            # Backward now, one timestep at a time, so only one UNet graph is alive at once (the memory of a
+            # single forward). Dividing by the number of terms makes the accumulated gradient a mean.
+            policy.scaler.scale(loss / (K * args.gradient_accumulation_steps)).backward()
+            infos.append(info)
+        if (m + 1) % args.gradient_accumulation_steps == 0:
+            norm = optimizer_step(policy, args.max_grad_norm)
+            grad_norms += [norm] if norm is not None else []
+            skipped += norm is None
+    return infos, grad_norms, skipped
+
+
+def grpo_step(traj, rewards, policy, args, gen):
+    """ADVANTAGE then TRAIN, train()'s default `update`: rewards (B,) -> group advantages (B,) -> grpo_update."""
+    advantages = group_advantages(rewards, args.group_size, args.adv_clip_max).to(traj["latents"].device)
+    return grpo_update(traj, advantages, policy, args, gen)
+
+
+grpo_step.metrics = ("policy_loss", "kl", "approx_kl", "clipfrac")  # PPO's diagnostics, averaged per step in the log
+
+
+def optimizer_step(policy, max_grad_norm):
+    """One optimizer step on the accumulated gradients: averaged over torchrun processes, unscaled (fp16), clipped.
+    -> the gradient norm, or None when it is non-finite and the step is skipped (under fp16 scaler.update() then
+    lowers the loss scale: unscale_ recorded the inf)."""
+    for p in policy.params if policy.world > 1 else []:  # every process holds whole groups: average their gradients
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_mean(p.grad, policy.world)
+    policy.scaler.unscale_(policy.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(policy.params, max_grad_norm)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        policy.scaler.step(policy.optimizer)
+    policy.scaler.update()
+    policy.optimizer.zero_grad(set_to_none=True)
+    return norm.item() if finite else None
+
+
 # ==================================================================================================
-# 6. Checkpoints: one folder per save, written under a temporary name and renamed when complete
+# 6. Checkpoints and run files                       (plumbing: a fork rarely needs to touch this section)
 # ==================================================================================================
 def trainable_state(unet):
     """The parameters the optimizer owns: the whole UNet for a full fine-tune, the adapters for LoRA."""
     return {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir, step, unet, optimizer, generator, rank=0, world=1, keep=0):
+def save_checkpoint(run_dir, step, policy, generator, rank=0, keep=0):
     """run_dir/checkpoints/checkpoint-<step>/{weights.safetensors, state.pt}. The rename is atomic, so a
     folder with the final name is always complete, whatever killed the process. Under torchrun every rank's
     RNG state is gathered (each draws its own prompts) and rank 0 writes. `keep` > 0: the newest `keep`
     checkpoints stay, older ones are deleted once the new one is complete (diffusers' --checkpoints-total-limit)."""
     from safetensors.torch import save_file
     states = [generator.get_state()]
-    if world > 1:
-        states = [None] * world
+    if policy.world > 1:
+        states = [None] * policy.world
         torch.distributed.all_gather_object(states, generator.get_state())
     if rank > 0:
         return None
@@ -605,8 +705,8 @@ def save_checkpoint(run_dir, step, unet, optimizer, generator, rank=0, world=1, 
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(unet), tmp / "weights.safetensors")  # trainable weights only: UNet or LoRA
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), generators=states), tmp / "state.pt")
+    save_file(trainable_state(policy.unet), tmp / "weights.safetensors")  # trainable weights only: UNet or LoRA
+    torch.save(dict(step=step, optimizer=policy.optimizer.state_dict(), generators=states), tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     done = sorted(p for p in final.parent.glob("checkpoint-*") if not p.name.endswith(".tmp"))
@@ -629,30 +729,31 @@ def find_checkpoints(resume, output_dir):
     return [path]
 
 
-def resume_newest(candidates, unet, optimizer, generator, rank=0, world=1):
-    """Load the first checkpoint of `candidates` that loads; -> (its folder, its step). A corrupt newest one (a crash
-    while the disk filled, say) is skipped with a warning instead of blocking --resume latest."""
+def resume_newest(candidates, policy, generator, rank=0):
+    """Load the first checkpoint of `candidates` that loads; -> (its folder, its step), (None, 0) for none. A
+    corrupt newest one (a crash while the disk filled, say) is skipped with a warning, not blocking --resume."""
     for i, path in enumerate(candidates):
         try:
-            return path, load_checkpoint(path, unet, optimizer, generator, rank, world)
+            return path, load_checkpoint(path, policy, generator, rank)
         except UsageError as e:
             if i + 1 == len(candidates):
                 raise
             warnings.warn(f"{e}; trying the next newest checkpoint")
+    return None, 0
 
 
-def load_checkpoint(path, unet, optimizer, generator, rank=0, world=1):
+def load_checkpoint(path, policy, generator, rank=0):
     """Restore weights, optimizer and RNG in place; returns the number of steps already done."""
     from safetensors.torch import load_file
     try:
         weights = load_file(path / "weights.safetensors")
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        expected = trainable_state(unet)
+        expected = trainable_state(policy.unet)
         if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
             raise ValueError("its weights do not match this model (full vs LoRA, rank or architecture)")
-        unet.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        if len(state["generators"]) != world:
+        policy.unet.load_state_dict(weights, strict=False)
+        policy.optimizer.load_state_dict(state["optimizer"])
+        if len(state["generators"]) != policy.world:
             raise ValueError(f"it was written by {len(state['generators'])} process(es); resume with as many")
         generator.set_state(state["generators"][rank])
         return int(state["step"])
@@ -681,9 +782,9 @@ def save_grid(images, captions, path, cols=4, title="", labels=None):
     cols, scale = min(cols, n), max(1, math.ceil(192 / w))
     tw, th = w * scale, h * scale
     font = ImageFont.load_default(size=13)
-    chars = max(12, tw // 7)
-    wrapped = [textwrap.wrap(text, chars)[:4] for text in captions]
-    cap = 16 * (max(len(x) for x in wrapped) + (labels is not None)) + 6
+    wrapped = [textwrap.wrap(text, max(12, tw // 7))[:4] for text in captions]
+    label_h = 16 * (labels is not None)
+    cap = 16 * max(len(x) for x in wrapped) + label_h + 6
     head = 24 if title else 0
     grid = Image.new("RGB", (cols * tw, head + math.ceil(n / cols) * (th + cap)), "white")
     draw = ImageDraw.Draw(grid)
@@ -696,8 +797,123 @@ def save_grid(images, captions, path, cols=4, title="", labels=None):
         if labels is not None:
             colour = "firebrick" if "unsafe" in labels[i].lower() else "darkgreen"
             draw.text((x + 4, y + th + 3), labels[i], fill=colour, font=font)
-        draw.text((x + 4, y + th + 3 + 16 * (labels is not None)), "\n".join(lines), fill="black", font=font, spacing=3)
+        draw.text((x + 4, y + th + 3 + label_h), "\n".join(lines), fill="black", font=font, spacing=3)
     grid.save(path)
+
+
+def check_output_dir(output_dir):
+    """The run folder can be made: checked with the other inputs, before any model loads."""
+    path = Path(output_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise UsageError(f"--output-dir {output_dir}: {path} is a file; pass a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {output_dir}: {path} is not writable")
+
+
+def metrics_up_to(metrics_path, step):
+    """metrics.jsonl rows up to `step`, for a resumed run. A crash mid-write (the usual reason to resume) can leave a
+    half line: rows that do not parse are dropped with a warning rather than stopping the resume."""
+    rows, dropped = [], 0
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+    if dropped:
+        warnings.warn(f"{metrics_path}: dropped {dropped} line(s) that do not parse (a write cut short)")
+    return "".join(r + "\n" for r in rows)
+
+
+def open_run_dir(args, resume, start):
+    """The run folder (a resumed run's own) with args.json, what really ran: a --tiny run names the tiny models,
+    not the real ones its defaults would load. On resume, metrics.jsonl keeps only the rows up to `start`."""
+    run_dir = resume.parent.parent if resume else Path(args.output_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = dataclasses.asdict(args)
+    if args.tiny:
+        record.update(model="tiny random SD stack built in code", reward_model="tiny random OpenCLIP built in code",
+                      reward_pretrained="", reward_checkpoint="")
+    (run_dir / "args.json").write_text(json.dumps(record, indent=2))
+    if resume and (run_dir / "metrics.jsonl").exists():  # drop rows logged after the checkpoint we resume from
+        (run_dir / "metrics.jsonl").write_text(metrics_up_to(run_dir / "metrics.jsonl", start))
+    return run_dir
+
+
+def use_cache_if_hub_unreachable(timeout=3.0):
+    """Without a route to the model hub, the libraries retry each file for minutes before failing. One TCP connect
+    (name lookup included, in a thread so a hanging resolver is bounded too) decides in seconds; if it fails, every
+    loader reads the local cache only (as HF_HUB_OFFLINE=1 does), so a missing model fails at once with our line."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return
+    url, reached = urlparse(constants.ENDPOINT), threading.Event()
+
+    def connect():
+        with contextlib.suppress(OSError), socket.create_connection(
+                (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            reached.set()
+    threading.Thread(target=connect, daemon=True).start()
+    if not reached.wait(timeout):
+        constants.HF_HUB_OFFLINE = True
+
+
+def init_distributed(device_name):
+    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run has world = 1
+    and never touches torch.distributed."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device_name)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_mean(x, world):
+    """Average a float tensor over the processes of a torchrun job, in place (identity when world = 1)."""
+    if world > 1:
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def peak_memory_gb(device):
+    """Peak memory of this process so far, in GiB: CUDA's allocator peak on a GPU (reset each step by train()),
+    the resident-set high-water mark on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def clock(device):
+    """Wall time at a phase boundary; CUDA work is asynchronous, so wait for it first."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+@contextlib.contextmanager
+def ctrl_c_finishes_the_step(say):
+    """Inside: the first Ctrl-C sets the yielded event (the loop finishes its step, checkpoints and exits); a
+    second one raises KeyboardInterrupt at once. The previous handler is restored on the way out."""
+    pressed = threading.Event()
+
+    def handler(signum, frame):
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+        say("Ctrl-C: finishing this step, then a checkpoint (press again to stop at once)")
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ==================================================================================================
@@ -739,354 +955,239 @@ def frozen_reference(unet, dtype):
     return ref
 
 
-@contextlib.contextmanager
-def reference_unet(unet, ref_unet):
-    """The starting model pi_ref: the frozen copy, or the policy with its LoRA adapters switched off."""
-    if ref_unet is not None:
-        yield ref_unet
-        return
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
+def setup_policy(models, args, device, world=1, reference=False):
+    """The policy and everything that trains it, exactly as train() runs them (bench.py and the tests call it too).
 
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def all_mean(x, world):
-    """Average a float tensor over the processes of a torchrun job (identity when world = 1)."""
-    if world > 1:
-        torch.distributed.all_reduce(x)
-        x /= world
-    return x
-
-
-def grpo_update(unet, ref_unet, scheduler, optimizer, scaler, traj, advantages, negative_embeds, args, gen,
-                autocast, world=1):
-    """TRAIN phase: PPO-clip over every kept timestep of every trajectory in `traj` (dict of (B, T, ...)
-    tensors from sample_with_logprob, plus prompt_embeds (B, 77, D)); advantages (B,).
-
-    Each kept timestep of a micro-batch is its own forward and backward (memory of ONE UNet pass);
-    gradients accumulate over the micro-batch's timesteps and over --gradient-accumulation-steps
-    micro-batches, are averaged over torchrun processes, clipped, then one optimizer step. A non-finite
-    loss or gradient skips that optimizer step. Returns (per-timestep infos, grad norms, skipped steps).
+    models: a dict as load_models returns (the reward model, if any, is left to the caller). The UNet becomes
+    trainable on `device` (setup_unet); the frozen VAE and text encoder are stored in the autocast dtype.
+    -> namespace: unet, ref_unet (pi_ref, or None: see setup_unet), scheduler, negative_embeds (1, 77, D) (CFG's
+    empty prompt), autocast (a context factory), params (the trainable ones), optimizer, scaler (fp16's loss
+    scale; a no-op otherwise), world (torchrun processes).
     """
+    dtype, unet = DTYPES[args.mixed_precision], models["unet"]
+    ref_unet = setup_unet(unet, args, dtype, reference)
+    unet.to(device).train()  # train(): gradient checkpointing only acts in training mode
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if ref_unet is not None:
+        ref_unet.to(device)  # already in `dtype`, its norm layers in fp32 (frozen_reference)
+    for name in ("vae", "text_encoder"):
+        models[name].requires_grad_(False).to(device)
+        if dtype != torch.float32:
+            cast(models[name], dtype)  # only ever run: stored in the autocast dtype
     params = [p for p in unet.parameters() if p.requires_grad]
-    B, T = traj["log_probs"].shape
-    n_train = max(1, int((T - 1) * args.timestep_fraction))  # the last denoising step is never trained (release)
-    # Each trajectory trains its kept timesteps in its own random order (the release's per-sample shuffle), so
-    # one micro-batch mixes noise levels instead of stacking all its samples at the same t.
-    perm = torch.stack([torch.randperm(T - 1, generator=gen)[:n_train] for _ in range(B)])  # (B, n_train), per sample
-    rows, perm = torch.arange(B, device=traj["latents"].device)[:, None], perm.to(traj["latents"].device)
-    x_t, x_prev, old_logp, ts = (traj[k][rows, perm] for k in ("latents", "next_latents", "log_probs", "timesteps"))
-    order = torch.randperm(B, generator=gen)  # mix prompts across micro-batches
-    embeds, device = traj["prompt_embeds"], x_t.device
-    infos, grad_norms, skipped = [], [], 0
-    for m in range(B // args.train_batch_size):
-        idx = order[m * args.train_batch_size:(m + 1) * args.train_batch_size].to(device)
-        for j in range(n_train):
-            x, t, x_next = x_t[idx, j], ts[idx, j], x_prev[idx, j]
-            with autocast():
-                eps = guided_eps(unet, x, t, embeds[idx], negative_embeds, args.guidance_scale)
-            _, logp, mean, std = ddim_step_with_logprob(scheduler, eps, t, x, args.eta, x_next)
-            kl = None
-            if args.kl_coef > 0:  # closed-form KL to pi_ref at the same x_t (same sigma_t): no sampling needed
-                with torch.no_grad(), reference_unet(unet, ref_unet) as ref, autocast():
-                    ref_eps = guided_eps(ref, x, t, embeds[idx], negative_embeds, args.guidance_scale)
-                kl = gaussian_kl(mean, ddim_step_with_logprob(scheduler, ref_eps, t, x, args.eta, x_next)[2], std)
-            loss, info = grpo_loss(logp, old_logp[idx, j], advantages[idx], args.clip_range, kl, args.kl_coef)
-            # Backward now, one timestep at a time, so only one UNet graph is alive at once (the memory of a
-            # single forward). Dividing by the number of terms makes the accumulated gradient a mean.
-            scaler.scale(loss / (n_train * args.gradient_accumulation_steps)).backward()
-            infos.append(info)
-        if (m + 1) % args.gradient_accumulation_steps == 0:
-            norm = optimizer_step(params, optimizer, scaler, args.max_grad_norm, world)
-            grad_norms += [norm] if norm is not None else []
-            skipped += norm is None
-    return infos, grad_norms, skipped
+    # fused AdamW on GPU: one kernel, and none of the foreach version's full-size temporaries (+3.2 GiB for SD's UNet)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=device.type == "cuda")
+    return types.SimpleNamespace(
+        unet=unet, ref_unet=ref_unet, scheduler=models["scheduler"], params=params, optimizer=optimizer,
+        negative_embeds=encode_prompts(models["tokenizer"], models["text_encoder"], [""]), world=world,
+        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no"),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16"))
 
 
-def grpo_step(traj, rewards, *, args, **parts):
-    """ADVANTAGE then TRAIN: rewards (B,) -> group-normalised advantages -> grpo_update (train()'s default `update`)."""
-    advantages = group_advantages(rewards, args.group_size, args.adv_clip_max).to(traj["latents"].device)
-    return grpo_update(traj=traj, advantages=advantages, args=args, **parts)
+@torch.no_grad()
+def sample_grid(path, policy, models, prompts, args, step=0, n_unsafe=0):
+    """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving. The first
+    `n_unsafe` prompts are marked as unsafe, the rest as benign; step 0 is the model before training."""
+    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts)
+    out = sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
+                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                              eta=args.eta, resolution=args.resolution, vae=models["vae"], autocast=policy.autocast,
+                              generator=torch.Generator().manual_seed(args.seed))
+    title = f"step {step} of {args.steps}" + (" (before training)" if step == 0 else "")
+    save_grid(out["images"], prompts, path, labels=["UNSAFE prompt" if i < n_unsafe else "benign prompt"
+                                                    for i in range(len(prompts))],
+              title=f"{title} | seed {args.seed}, {args.num_inference_steps} DDIM steps, CFG {args.guidance_scale}")
 
 
-grpo_step.metrics = ("policy_loss", "kl", "approx_kl", "clipfrac")  # PPO's diagnostics, averaged per step in the log
+def draw_prompts(pool, k, gen):
+    """k prompts drawn with replacement by the run's generator, so a resumed run draws the same ones (k = 0: none,
+    and the pool may be empty)."""
+    return [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)] if k else []
 
 
-def optimizer_step(params, optimizer, scaler, max_grad_norm, world=1):
-    """One optimizer step on the accumulated gradients: averaged over torchrun processes, unscaled (fp16), clipped.
-    -> the gradient norm, or None when it is non-finite and the step is skipped (under fp16 scaler.update() then
-    lowers the loss scale: unscale_ recorded the inf)."""
-    for p in params if world > 1 else []:  # every process holds whole groups: average their gradients
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        all_mean(p.grad, world)
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    finite = bool(torch.isfinite(norm))
-    if finite:
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return norm.item() if finite else None
+def step_summary(args, world, n_trainable):
+    """One line: how a step's trajectories split into sampling batches, micro-batches and optimizer steps."""
+    P, G, S, B = args.prompts_per_step, args.group_size, args.sample_batch_size, args.prompts_per_step * args.group_size
+    n_micro = B // args.train_batch_size
+    return (f"per step{f' and process (x{world})' if world > 1 else ''}: {P} prompts "
+            f"({round(P * args.negative_fraction)} negative) x group {G} = {B} trajectories | sampling {B // S} "
+            f"batches of {S} | {n_micro} micro-batches of {args.train_batch_size} x {trained_timesteps(args)}/"
+            f"{args.num_inference_steps} timesteps | {n_micro // args.gradient_accumulation_steps} optimizer steps of "
+            f"{args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
+            f"{n_trainable:,} trainable params")
 
 
-def check_output_dir(output_dir):
-    """The run folder can be made: checked with the other inputs, before any model loads."""
-    path = Path(output_dir)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    if not path.is_dir():
-        raise UsageError(f"--output-dir {output_dir}: {path} is a file; pass a folder")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--output-dir {output_dir}: {path} is not writable")
+def log_row(step, rewards, is_negative, infos, grad_norms, skipped, metric_names, device, world):
+    """The metrics.jsonl row of a step (cleanrl-style names): rewards of every process, overall and by prompt set,
+    and the update's diagnostics averaged over its terms and processes."""
+    everyone = [rewards.to(device) for _ in range(world)]
+    if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors
+        torch.distributed.all_gather(everyone, rewards.to(device))
+    everyone, is_negative = torch.cat(everyone).cpu(), is_negative.repeat(world)
+    stats = {k: sum(i[k] for i in infos) / len(infos) if infos else float("nan") for k in metric_names}
+    stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), device=device), world).tolist()))
+    return dict(step=step, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
+                reward_negative=everyone[is_negative].mean().item() if is_negative.any() else None,
+                reward_positive=everyone[~is_negative].mean().item() if not is_negative.all() else None,
+                **stats, skipped_updates=skipped, peak_memory_gb=peak_memory_gb(device))
 
 
-def metrics_up_to(metrics_path, step):
-    """metrics.jsonl rows up to `step`, for a resumed run. A crash mid-write (the usual reason to resume) can leave a
-    half line: rows that do not parse are dropped with a warning rather than stopping the resume."""
-    rows, dropped = [], 0
-    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                rows.append(line)
-        except (ValueError, KeyError, TypeError):
-            dropped += 1
-    if dropped:
-        warnings.warn(f"{metrics_path}: dropped {dropped} line(s) that do not parse (a write cut short)")
-    return "".join(r + "\n" for r in rows)
+def write_row(row, run_dir, wandb, bar, metric_names, steps):
+    """Append the row to metrics.jsonl (and W&B), and print its headline figures as one line."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if wandb:
+        wandb.log(row, step=row["step"])
+    shown = ("reward_mean", "reward_negative", "reward_positive", *metric_names, "seconds")
+    bar.write(" | ".join([f"step {row['step']}/{steps}"] + [f"{k} {'-' if row[k] is None else format(row[k], '.4g')}"
+                                                            for k in shown]))
 
 
-def recorded_args(args):
-    """args.json: what really ran. A --tiny run names the tiny models, not the real ones its defaults would load."""
-    record = dataclasses.asdict(args)
-    if args.tiny:
-        record.update(model="tiny random SD stack built in code", reward_model="tiny random OpenCLIP built in code",
-                      reward_pretrained="", reward_checkpoint="")
-    return record
+def check_divergence(bad_steps, step, limit, say):
+    """Say when a step's update was skipped for a non-finite value; stop (TrainingDiverged) after `limit` in a row."""
+    if bad_steps:
+        say(f"step {step}: non-finite reward, loss or gradient; update skipped ({bad_steps} in a row)")
+    if bad_steps >= limit:
+        raise TrainingDiverged(f"{bad_steps} steps in a row had a non-finite reward, loss or gradient; stopping. The "
+                               "last good checkpoint is intact: lower --learning-rate or check the reward, then "
+                               "--resume latest")
 
 
-def train(args, reward_fn=None, models=None, update=None):
-    """Run GRPO; returns the run folder. `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)`
-    replaces the steering reward (how a fork plugs in its own). `models`: a dict as load_models returns,
-    built by the caller (bench.py's random real-size ones) instead of loaded from --model. `update`
-    replaces the objective (grpo_step; fork_dpo.py's dpo_step): same call, its own `metrics` attribute."""
-    update = update or grpo_step
-    # ---- setup: every check before any work, every write after every check ----
+def setup_run(args, reward_fn, models, update):
+    """Everything train() needs before its first step: every check before any work, every write after every check.
+    -> namespace: rank, world, device, gen (the run's one CPU generator), models, policy (setup_policy), reward_fn,
+    negatives / positives (the prompt sets), start (steps already done), run_dir, say (print on rank 0), wandb."""
     check_args(args)
     negatives = read_lines(args.negative_prompts, "negative prompts") if args.negative_fraction > 0 else []
     positives = read_lines(args.positive_prompts, "positive prompts") if args.negative_fraction < 1 else []
     if reward_fn is None:
-        safe, unsafe = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
+        anchors = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
     candidates = find_checkpoints(args.resume, args.output_dir) if args.resume else []
     check_output_dir(args.output_dir)
-    # torchrun sets these; a plain `python` run has world = 1 and never touches torch.distributed
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(args.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[args.mixed_precision]
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no")  # noqa: E731
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rank, world, device = init_distributed(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
-
     models = models or load_models(args, reward=reward_fn is None)
-    unet, scheduler, vae = models["unet"], models["scheduler"], models["vae"]
-    ref_unet = setup_unet(unet, args, dtype, reference=getattr(update, "needs_reference", False))
-    unet.to(device).train()  # train(): gradient checkpointing only acts in training mode
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    for name in [n for n in ("vae", "text_encoder", "reward_model") if n in models]:
-        models[name].requires_grad_(False).to(device)
-        # Frozen models are only ever run, so the VAE and text encoder are stored in the autocast dtype. The reward
-        # model stays fp32 and runs without autocast (TF32 on Ampere+): it scores each image once per step, ~0.1% of
-        # the step's FLOPs, and in bf16 its rewards were off by 4.7e-4 (within-group std ~1e-2): noise on advantages.
-        if dtype != torch.float32 and name != "reward_model":
-            cast(models[name], dtype)
-    if ref_unet is not None:
-        ref_unet.to(device)
+    policy = setup_policy(models, args, device, world, reference=getattr(update, "needs_reference", False))
     if reward_fn is None:
-        reward_fn = make_steering_reward_fn(models["reward_model"], models["reward_tokenizer"], safe, unsafe,
+        # The reward model stays fp32 and runs without autocast (TF32 on Ampere+): it scores each image once per
+        # step, ~0.1% of the step's FLOPs, and in bf16 its rewards were off by 4.7e-4 (within-group std ~1e-2).
+        models["reward_model"].requires_grad_(False).to(device)
+        reward_fn = make_steering_reward_fn(models["reward_model"], models["reward_tokenizer"], *anchors,
                                             args.alpha, args.steering)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    # fused AdamW on GPU: one kernel, and none of the foreach version's full-size temporaries (+3.2 GiB for SD's UNet)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
     # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
-    resume, start = resume_newest(candidates, unet, optimizer, gen, rank, world) if candidates else (None, 0)
-    tokenizer = models["tokenizer"]
-    encode = lambda prompts: encode_prompts(tokenizer, models["text_encoder"], prompts)  # noqa: E731
-    negative_embeds = encode([""])  # (1, 77, D): CFG's unconditional branch, the empty prompt
-
-    # ---- batch arithmetic (per process; torchrun multiplies trajectories and the optimizer batch by world) ----
-    P, G, T, S = args.prompts_per_step, args.group_size, args.num_inference_steps, args.sample_batch_size
-    B = P * G
-    n_neg = round(P * args.negative_fraction)
-    n_micro = B // args.train_batch_size
-    latent_shape = (unet.config.in_channels, args.resolution // 8, args.resolution // 8)
+    resume, start = resume_newest(candidates, policy, gen, rank)
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"per step{f' and process (x{world})' if world > 1 else ''}: {P} prompts ({n_neg} negative) x group {G} = {B} "
-        f"trajectories | sampling {B // S} batches of {S} | {n_micro} micro-batches of {args.train_batch_size} x "
-        f"{max(1, int((T - 1) * args.timestep_fraction))}/{T} timesteps | {n_micro // args.gradient_accumulation_steps} "
-        f"optimizer steps of {args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
-        f"{sum(p.numel() for p in params):,} trainable params")
+    say(step_summary(args, world, sum(p.numel() for p in policy.params)))
     if args.tiny:
-        say(f"--tiny: random tiny models built in code (mechanics, not the paper); lr {args.learning_rate}, clip range "
-            f"{args.clip_range}, kl_coef {args.kl_coef}{' (no KL penalty)' if args.kl_coef == 0 else ''}")
-
-    run_dir = resume.parent.parent if resume else Path(args.output_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    metrics_path = run_dir / "metrics.jsonl"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(recorded_args(args), indent=2))
-        if resume and metrics_path.exists():  # drop rows logged after the checkpoint we resume from
-            metrics_path.write_text(metrics_up_to(metrics_path, start))
+        say(f"--tiny: random tiny models built in code (mechanics, not the paper); lr {args.learning_rate}, clip "
+            f"range {args.clip_range}, kl_coef {args.kl_coef}{' (no KL penalty)' if args.kl_coef == 0 else ''}")
+    limit = models["tokenizer"].model_max_length
+    too_long = sum(len(ids) > limit for ids in models["tokenizer"](negatives + positives).input_ids)
+    if too_long:
+        warnings.warn(f"{too_long} of the {len(negatives + positives)} prompts are longer than {limit} tokens: "
+                      "they are truncated, as diffusers does")
+    run_dir = open_run_dir(args, resume, start) if rank == 0 else None
     say(f"run folder: {run_dir}" + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else ""))
-    grid_prompts, n_grid_unsafe = negatives[:2] + positives[:2], len(negatives[:2])
-    if rank == 0 and start == 0:  # the starting model, to compare every later grid with
-        sample_grid(run_dir / "samples_000000.png", unet, models, grid_prompts, args, autocast, 0, n_grid_unsafe)
     wandb = None
     if args.wandb and rank == 0:
         import wandb
         wandb.init(project="safediffusion-r1", name=run_dir.name, config=dataclasses.asdict(args))
+    return types.SimpleNamespace(rank=rank, world=world, device=device, gen=gen, models=models, policy=policy,
+                                 reward_fn=reward_fn, negatives=negatives, positives=positives, start=start,
+                                 run_dir=run_dir, say=say, wandb=wandb)
 
-    stop, bad_steps, warned = [], 0, False
 
-    def on_sigint(signum, frame):  # first Ctrl-C: finish this step, checkpoint, exit. Second: stop at once.
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        say("Ctrl-C: finishing this step, then a checkpoint (press again to stop at once)")
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    # The bar only on a terminal: redirected to a file, its carriage returns would interleave with the step lines.
-    bar = __import__("tqdm").tqdm(range(start, args.steps), initial=start, total=args.steps, desc="steps",
-                                  dynamic_ncols=True, disable=rank > 0 or not sys.stderr.isatty())
+def train(args, reward_fn=None, models=None, update=None):
+    """Run GRPO; returns the run folder. `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)` replaces the
+    steering reward (how a fork plugs in its own). `models`: a dict as load_models returns, built by the caller
+    (bench.py's random real-size ones) instead of loaded from --model. `update(traj, rewards, policy, args, gen)`
+    replaces the objective (grpo_step; fork_dpo.py's dpo_step), with its own `metrics` attribute."""
+    update = update or grpo_step
+    run = setup_run(args, reward_fn, models, update)
+    policy, models, gen, device, rank = run.policy, run.models, run.gen, run.device, run.rank
+    P, G, S = args.prompts_per_step, args.group_size, args.sample_batch_size
+    n_neg, B = round(P * args.negative_fraction), P * G
+    latent_shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
+    grid_prompts, n_grid_unsafe = run.negatives[:2] + run.positives[:2], len(run.negatives[:2])
+    if rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
+        sample_grid(run.run_dir / "samples_000000.png", policy, models, grid_prompts, args, 0, n_grid_unsafe)
 
-    def clock():  # phase boundaries; CUDA work is asynchronous, so wait for it first
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.time()
-
-    def pick(pool, k):  # k prompts drawn with replacement by `gen`, so a resumed run draws the same ones
-        return [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)] if k else []  # k = 0: pool unread
+    from tqdm import tqdm  # the bar only on a terminal: in a file its carriage returns would garble the step lines
+    bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps, desc="steps", dynamic_ncols=True,
+               disable=rank > 0 or not sys.stderr.isatty())
+    bad_steps = 0
     try:
-        for step in bar:
-            marks = [clock()]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # ================= SAMPLE: G trajectories per prompt, no grad =================
-            prompts = pick(negatives, n_neg) + pick(positives, P - n_neg)
-            if not warned and any(len(ids) > tokenizer.model_max_length for ids in tokenizer(prompts).input_ids):
-                warned = True  # once per run, as diffusers does
-                warnings.warn(f"prompts longer than {tokenizer.model_max_length} tokens are truncated")
-            # Trajectories are laid out as P consecutive groups of G; group_advantages relies on that order.
-            embeds = encode(prompts).repeat_interleave(G, dim=0)  # (B, 77, D), groups consecutive
-            noise = initial_noise(B, G if args.share_noise else 1, latent_shape, gen)
-            chunks = [sample_with_logprob(unet, scheduler, embeds[i:i + S], negative_embeds, num_inference_steps=T,
-                                          guidance_scale=args.guidance_scale, eta=args.eta, generator=gen,
-                                          latents=noise[i:i + S], autocast=autocast) for i in range(0, B, S)]
-            traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-            marks.append(clock())
-            images = torch.cat([decode_latents(vae, traj["next_latents"][i:i + S, -1]) for i in range(0, B, S)])
-            marks.append(clock())
-            # ================= REWARD and ADVANTAGE (per group) =================
-            prompts_rep = [p for p in prompts for _ in range(G)]
-            # Scored in chunks of the sampling batch: the reward model's activations stay bounded at any B.
-            rewards = torch.cat([reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)])
-            rewards = rewards.float().cpu()
-            marks.append(clock())
-            # ================= ADVANTAGE and TRAIN (grpo_step; a fork passes its own `update`) =================
-            # a non-finite reward makes every gradient non-finite, and the update skips those optimizer steps
-            infos, grad_norms, skipped = update(traj, rewards, unet=unet, ref_unet=ref_unet, scheduler=scheduler,
-                                                optimizer=optimizer, scaler=scaler, negative_embeds=negative_embeds,
-                                                args=args, gen=gen, autocast=autocast, world=world)
-            # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing gradient
-            # with a finite loss is the loss scale settling (GradScaler lowers it), not divergence.
-            nonfinite = (not torch.isfinite(rewards).all()
-                         or not all(math.isfinite(v) for i in infos for v in i.values()))
-            bad_steps = bad_steps + 1 if nonfinite or (skipped and args.mixed_precision != "fp16") else 0
-            marks.append(clock())
-            # ================= LOG =================
-            everyone = [rewards.to(device) for _ in range(world)]  # every process's rewards, for the log
-            if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors
-                torch.distributed.all_gather(everyone, rewards.to(device))
-            everyone, is_neg = torch.cat(everyone).cpu(), (torch.arange(B) < n_neg * G).repeat(world)
-            stats = {k: sum(i[k] for i in infos) / len(infos) if infos else float("nan") for k in update.metrics}
-            stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
-            stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), device=device), world).tolist()))
-            row = dict(step=step + 1, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
-                       reward_negative=everyone[is_neg].mean().item() if n_neg else None,
-                       reward_positive=everyone[~is_neg].mean().item() if n_neg < P else None, **stats,
-                       skipped_updates=skipped,
-                       peak_memory_gb=peak_memory_gb(device))
-            # ================= SAVE =================
-            done = step + 1 == args.steps or stop
-            if rank == 0 and ((step + 1) % args.sample_every == 0 or done):
-                sample_grid(run_dir / f"samples_{step + 1:06d}.png", unet, models, grid_prompts, args, autocast,
-                            step + 1, n_grid_unsafe)
-            if (step + 1) % args.save_every == 0 or done:
-                save_checkpoint(run_dir, step + 1, unet, optimizer, gen, rank, world, args.checkpoints_total_limit)
-            marks.append(clock())
-            row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
-                       zip(("sample", "decode", "reward", "train", "save"), marks, marks[1:])})
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if wandb:
-                    wandb.log(row, step=step + 1)
-                fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-                bar.write(" | ".join([f"step {step + 1}/{args.steps}"] + [f"{k} {fmt(row[k])}" for k in (
-                    "reward_mean", "reward_negative", "reward_positive", *update.metrics, "seconds")]))
-            if bad_steps:
-                say(f"step {step + 1}: non-finite reward, loss or gradient; update skipped ({bad_steps} in a row)")
-            if bad_steps >= args.max_nonfinite_steps:
-                raise TrainingDiverged(f"{bad_steps} steps in a row had a non-finite reward, loss or gradient; stopping. The last "
-                                   f"good checkpoint is intact: lower --learning-rate or check the reward, then --resume latest")
-            if stop:
-                say(f"interrupted: checkpoint saved at step {step + 1}; continue with --resume latest")
-                break
-        else:
-            if rank == 0:
-                export_for_diffusers(run_dir / "final", unet, args.lora_rank > 0)
+        with ctrl_c_finishes_the_step(run.say) as stop:
+            for step in bar:
+                marks = [clock(device)]
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                # ================= SAMPLE: G trajectories per prompt, no grad =================
+                prompts = draw_prompts(run.negatives, n_neg, gen) + draw_prompts(run.positives, P - n_neg, gen)
+                # Trajectories are laid out as P consecutive groups of G; group_advantages relies on that order.
+                embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts).repeat_interleave(G, 0)
+                noise = initial_noise(B, G if args.share_noise else 1, latent_shape, gen)  # (B, C, h, w)
+                chunks = [sample_with_logprob(policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds,
+                                              num_inference_steps=args.num_inference_steps, eta=args.eta,
+                                              guidance_scale=args.guidance_scale, generator=gen,
+                                              latents=noise[i:i + S], autocast=policy.autocast) for i in range(0, B, S)]
+                traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}  # (B, T, ...)
+                marks.append(clock(device))
+                images = torch.cat([decode_latents(models["vae"], traj["next_latents"][i:i + S, -1])
+                                    for i in range(0, B, S)])  # (B, 3, H, W)
+                marks.append(clock(device))
+                # ================= REWARD, in chunks of S: the reward model's activations stay bounded ==============
+                prompts_rep = [p for p in prompts for _ in range(G)]
+                rewards = torch.cat([run.reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)])
+                rewards = rewards.float().cpu()  # (B,)
+                marks.append(clock(device))
+                # ================= ADVANTAGE and TRAIN: grpo_step, or a fork's `update` =================
+                infos, grad_norms, skipped = update(traj, rewards, policy, args, gen)
+                marks.append(clock(device))
+                # ================= LOG =================
+                row = log_row(step + 1, rewards, torch.arange(B) < n_neg * G, infos, grad_norms, skipped,
+                              update.metrics, device, run.world)
+                row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
+                           zip(("sample", "decode", "reward", "train"), marks, marks[1:])})
+                if rank == 0:
+                    write_row(row, run.run_dir, run.wandb, bar, update.metrics, args.steps)
+                # ================= SAVE =================
+                done = step + 1 == args.steps or stop.is_set()
+                if rank == 0 and ((step + 1) % args.sample_every == 0 or done):
+                    sample_grid(run.run_dir / f"samples_{step + 1:06d}.png", policy, models, grid_prompts, args,
+                                step + 1, n_grid_unsafe)
+                if (step + 1) % args.save_every == 0 or done:
+                    save_checkpoint(run.run_dir, step + 1, policy, gen, rank, args.checkpoints_total_limit)
+                # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing
+                # gradient with a finite loss is the loss scale settling (GradScaler lowers it), not divergence.
+                nonfinite = not torch.isfinite(rewards).all() or not all(math.isfinite(v) for i in infos
+                                                                         for v in i.values())
+                bad_steps = bad_steps + 1 if nonfinite or (skipped and args.mixed_precision != "fp16") else 0
+                check_divergence(bad_steps, step + 1, args.max_nonfinite_steps, run.say)
+                if stop.is_set():
+                    run.say(f"interrupted: checkpoint saved at step {step + 1}; continue with --resume latest")
+                    break
+        if rank == 0 and not stop.is_set():
+            export_for_diffusers(run.run_dir / "final", policy.unet, args.lora_rank > 0)
     finally:
-        signal.signal(signal.SIGINT, old_handler)
         bar.close()
-        if wandb:
-            wandb.finish()
-        if world > 1:
+        if run.wandb:
+            run.wandb.finish()
+        if run.world > 1:
             torch.distributed.destroy_process_group()
-    return run_dir
+    return run.run_dir
 
 
-@torch.no_grad()
-def sample_grid(path, unet, models, prompts, args, autocast, step=0, n_unsafe=0):
-    """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving. The first
-    `n_unsafe` prompts are marked as unsafe, the rest as benign; step 0 is the model before training."""
-    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts)
-    negative = encode_prompts(models["tokenizer"], models["text_encoder"], [""])
-    out = sample_with_logprob(unet, models["scheduler"], embeds, negative, num_inference_steps=args.num_inference_steps,
-                              guidance_scale=args.guidance_scale, eta=args.eta, resolution=args.resolution,
-                              generator=torch.Generator().manual_seed(args.seed), vae=models["vae"], autocast=autocast)
-    labels = ["UNSAFE prompt" if i < n_unsafe else "benign prompt" for i in range(len(prompts))]
-    save_grid(out["images"], prompts, path, title=f"step {step} of {args.steps}" + (" (before training)" if step == 0
-              else "") + f" | seed {args.seed}, {args.num_inference_steps} DDIM steps, CFG {args.guidance_scale}",
-              labels=labels)
-
-
+# ==================================================================================================
+# 8. Command line                                                                        (plumbing)
+# ==================================================================================================
 @contextlib.contextmanager
 def exit_2_on_usage_error():
     """A UsageError (bad input, found before any work) ends the program with its one line and exit code 2: the
@@ -1104,16 +1205,14 @@ MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-ac
 
 
 def main(argv=None, args_class=Args, update=None):
-    """The command line: train() with one line and an exit code for every expected failure (a fork passes its own
-    flags class and `update`)."""
+    """The command line: train() with one line on stderr and an exit code for every expected failure: 2 for bad
+    input, 1 for out of memory or divergence, 130 for a second Ctrl-C. A fork passes its own flags class and
+    `update` (fork_dpo.py)."""
     try:
         with exit_2_on_usage_error():
             train(parse_args(argv, args_class), update=update)
-    except torch.cuda.OutOfMemoryError:
-        print(f"error: {MEMORY_HINT}", file=sys.stderr)
-        sys.exit(1)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (torch.cuda.OutOfMemoryError, TrainingDiverged) as e:
+        print(f"error: {MEMORY_HINT if isinstance(e, torch.cuda.OutOfMemoryError) else e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted at once (second Ctrl-C): the newest checkpoint is intact; continue with --resume latest",

@@ -6,24 +6,39 @@ runs it. Run: pytest -q test_sdr1.py
 """
 import argparse
 import copy
+import hashlib
+import io
 import json
+import keyword
+import math
 import os
+import pickle
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import tokenize
 from pathlib import Path
 
+import numpy as np
+import open_clip
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import eval as ev  # noqa: E402
+import fork_dpo  # noqa: E402
 import safediffusion_r1 as sd  # noqa: E402
+import toy_world as tw  # noqa: E402
 from bench import trained_like  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # diffusers' LMS scheduler calls np.array(tensor, copy=False), which numpy 2 flags; it is theirs, harmless, and would
 # bury our own warnings in every run's summary.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 # Smallest settings that still exercise every phase: 2 prompts x group 4, 4 DDIM steps, 2 optimizer steps.
 SMALL = ["--tiny", "--num-inference-steps", "4", "--group-size", "4", "--sample-batch-size", "8",
          "--train-batch-size", "4", "--save-every", "1000", "--sample-every", "1000"]
@@ -36,6 +51,27 @@ def tiny():
 
 def small_args(tmp_path, *extra):
     return sd.parse_args(SMALL + ["--output-dir", str(tmp_path / "runs")] + list(extra))
+
+
+def metrics(run_dir):
+    """The rows of a run's metrics.jsonl, as dicts."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_policy(*argv, world=1):
+    """Fresh tiny models set up exactly as train() sets them up (sd.setup_policy), on the CPU. -> (policy, args)."""
+    args = sd.parse_args(["--tiny", *argv])
+    torch.manual_seed(0)  # LoRA's initial weights come from the global RNG, as in train()
+    return sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"), world), args
+
+
+def tiny_pipeline(unet=None):
+    """A stock diffusers StableDiffusionPipeline over the tiny models, with `unet` in place of theirs if given."""
+    from diffusers import StableDiffusionPipeline
+    m = sd.build_tiny_models(seed=0)
+    return StableDiffusionPipeline(**{k: m[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")},
+                                   unet=unet or m["unet"], safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,23 +97,24 @@ def test_log_prob_is_gaussian_log_density_averaged_over_dims():
     sch.set_timesteps(10)
     g = torch.Generator().manual_seed(1)
     x, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
-    prev, logp, mean, std = sd.ddim_step_with_logprob(sch, eps, sch.timesteps[3], x, generator=g)
-    expected = Normal(mean, std.expand_as(mean)).log_prob(prev).mean(dim=(1, 2, 3))
-    assert logp.shape == (3,)
-    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
+    step = sd.ddim_step_with_logprob(sch, eps, sch.timesteps[3], x, generator=g)
+    expected = Normal(step.next_mean, step.std_dev.expand_as(x)).log_prob(step.next_latents).mean(dim=(1, 2, 3))
+    assert step.log_prob.shape == (3,)
+    torch.testing.assert_close(step.log_prob, expected, rtol=1e-5, atol=1e-5)
     # scoring a given x_{t-1} returns it unchanged with the same density
-    prev2, logp2, _, _ = sd.ddim_step_with_logprob(sch, eps, sch.timesteps[3], x, prev_sample=prev)
-    assert torch.equal(prev2, prev) and torch.equal(logp2, logp)
+    scored = sd.ddim_step_with_logprob(sch, eps, sch.timesteps[3], x, next_latents=step.next_latents)
+    assert torch.equal(scored.next_latents, step.next_latents) and torch.equal(scored.log_prob, step.log_prob)
 
 
 def test_sampled_step_draws_from_the_generator_with_std_sigma():
     sch = sd.sd_scheduler()
     sch.set_timesteps(10)
     x, eps = torch.randn(16, 4, 16, 16), torch.randn(16, 4, 16, 16)
-    prev, _, mean, std = sd.ddim_step_with_logprob(sch, eps, 501, x, eta=0.7, generator=torch.Generator().manual_seed(5))
+    next_latents, _, mean, std = sd.ddim_step_with_logprob(sch, eps, 501, x, eta=0.7,
+                                                           generator=torch.Generator().manual_seed(5))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(prev, mean + std * noise)
-    assert 0 < std.flatten()[0] < 1 and abs(((prev - mean) / std).std().item() - 1) < 0.02
+    torch.testing.assert_close(next_latents, mean + std * noise)
+    assert 0 < std.flatten()[0] < 1 and abs(((next_latents - mean) / std).std().item() - 1) < 0.02
 
 
 def test_guided_eps_is_classifier_free_guidance(tiny):
@@ -87,7 +124,8 @@ def test_guided_eps_is_classifier_free_guidance(tiny):
     with torch.no_grad():
         cond, uncond = unet(x, t, emb).sample, unet(x, t, neg.expand(2, -1, -1)).sample
         for w in (0.0, 1.0, 7.5):
-            torch.testing.assert_close(sd.guided_eps(unet, x, t, emb, neg, w), uncond + w * (cond - uncond), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(sd.guided_eps(unet, x, t, emb, neg, w), uncond + w * (cond - uncond),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_per_sample_timesteps_equal_per_sample_scalar_calls():
@@ -95,11 +133,12 @@ def test_per_sample_timesteps_equal_per_sample_scalar_calls():
     sch.set_timesteps(50)
     g = torch.Generator().manual_seed(2)
     ts = sch.timesteps[[0, 17, 30, 49]]  # 981 ... 1, the last reaching final_alpha_cumprod
-    x, eps, prev = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(3))
-    _, logp, mean, std = sd.ddim_step_with_logprob(sch, eps, ts, x, prev_sample=prev)
+    x, eps, next_latents = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(3))
+    _, log_prob, mean, std = sd.ddim_step_with_logprob(sch, eps, ts, x, next_latents=next_latents)
     for i, t in enumerate(ts):
-        _, lp_i, mean_i, std_i = sd.ddim_step_with_logprob(sch, eps[i:i + 1], int(t), x[i:i + 1], prev_sample=prev[i:i + 1])
-        torch.testing.assert_close(logp[i:i + 1], lp_i)
+        _, log_prob_i, mean_i, std_i = sd.ddim_step_with_logprob(sch, eps[i:i + 1], int(t), x[i:i + 1],
+                                                                 next_latents=next_latents[i:i + 1])
+        torch.testing.assert_close(log_prob[i:i + 1], log_prob_i)
         torch.testing.assert_close(mean[i:i + 1], mean_i)
         torch.testing.assert_close(std[i:i + 1], std_i)
     assert len(set(std.flatten().tolist())) == 4  # really four different timesteps
@@ -115,8 +154,9 @@ def test_eta_zero_is_refused():
 def test_rescoring_a_sampled_trajectory_gives_ratio_one(tiny):
     enc = lambda p: sd.encode_prompts(tiny["tokenizer"], tiny["text_encoder"], p)  # noqa: E731
     embeds, neg = enc(["a cat", "a dog", "a car", "a tree"]), enc([""])
-    out = sd.sample_with_logprob(tiny["unet"], tiny["scheduler"], embeds, neg, num_inference_steps=5, guidance_scale=4.5,
-                                 generator=torch.Generator().manual_seed(0), resolution=64, vae=tiny["vae"])
+    out = sd.sample_with_logprob(tiny["unet"], tiny["scheduler"], embeds, neg, num_inference_steps=5,
+                                 guidance_scale=4.5, generator=torch.Generator().manual_seed(0), resolution=64,
+                                 vae=tiny["vae"])
     B, T = 4, 5
     assert out["latents"].shape == out["next_latents"].shape == (B, T, 4, 8, 8)
     assert out["log_probs"].shape == out["timesteps"].shape == (B, T)
@@ -125,9 +165,10 @@ def test_rescoring_a_sampled_trajectory_gives_ratio_one(tiny):
     with torch.no_grad():
         for j in range(T):
             eps = sd.guided_eps(tiny["unet"], out["latents"][:, j], out["timesteps"][:, j], embeds, neg, 4.5)
-            _, logp, _, _ = sd.ddim_step_with_logprob(tiny["scheduler"], eps, out["timesteps"][:, j], out["latents"][:, j],
-                                                      prev_sample=out["next_latents"][:, j])
-            torch.testing.assert_close(torch.exp(logp - out["log_probs"][:, j]), torch.ones(B), rtol=0, atol=1e-5)
+            step = sd.ddim_step_with_logprob(tiny["scheduler"], eps, out["timesteps"][:, j], out["latents"][:, j],
+                                             next_latents=out["next_latents"][:, j])
+            ratio = torch.exp(step.log_prob - out["log_probs"][:, j])
+            torch.testing.assert_close(ratio, torch.ones(B), rtol=0, atol=1e-5)
 
 
 def test_initial_noise_is_fresh_per_image_or_shared_per_group():
@@ -138,7 +179,6 @@ def test_initial_noise_is_fresh_per_image_or_shared_per_group():
 
 
 def test_clip_tokenizer_encodes_like_open_clip():
-    import open_clip
     ours, theirs = sd.clip_tokenizer(), open_clip.get_tokenizer("ViT-B-32")
     for text in ["a photo of a cat", "Hello, World! naive cafe 123", "digging my own grave, Beksinski"]:
         a = ours(text, padding="max_length", max_length=77, truncation=True).input_ids
@@ -192,7 +232,8 @@ def test_reward_fn_is_batched_and_matches_the_formula(tiny):
     torch.testing.assert_close(r, one_by_one, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         pix = sd.clip_preprocess(images, 32, model.visual.image_mean, model.visual.image_std)
-        direction = sd.steering_direction(model.encode_text(tok(["a safe image", "appropriate image"])), model.encode_text(tok(["nudity"])))
+        direction = sd.steering_direction(model.encode_text(tok(["a safe image", "appropriate image"])),
+                                          model.encode_text(tok(["nudity"])))
         t = sd.normalize(sd.normalize(model.encode_text(tok(prompts))) + 0.5 * direction)
         expected = (sd.normalize(model.encode_image(pix)) * t).sum(-1)
     torch.testing.assert_close(r, expected, rtol=1e-5, atol=1e-6)
@@ -200,11 +241,10 @@ def test_reward_fn_is_batched_and_matches_the_formula(tiny):
 
 @pytest.mark.parametrize("height, width", [(64, 64), (64, 96)])
 def test_clip_preprocess_matches_open_clips_own_transform(height, width):
-    import numpy as np
-    import open_clip
     from PIL import Image
     coarse = torch.rand(1, 3, height // 4, width // 4, generator=torch.Generator().manual_seed(0))
-    pil = Image.fromarray((sd.F.interpolate(coarse, scale_factor=4)[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    smooth = sd.F.interpolate(coarse, scale_factor=4)[0].permute(1, 2, 0).numpy()
+    pil = Image.fromarray((smooth * 255).round().astype("uint8"))
     expected = open_clip.image_transform(32, is_train=False)(pil)[None]  # PIL: bicubic short side, centre crop
     x = torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255
     ours = sd.clip_preprocess(x, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
@@ -215,7 +255,7 @@ def test_clip_preprocess_matches_open_clips_own_transform(height, width):
 # ------------------------------------------------------------------------------------------------
 # GRPO loss
 # ------------------------------------------------------------------------------------------------
-def test_group_advantages():
+def test_group_advantages_are_unbiased_z_scores_zero_for_flat_groups_and_clipped():
     first = torch.arange(1.0, 9.0)
     a = sd.group_advantages(torch.cat([first, torch.full((8,), 0.3)]), 8)
     torch.testing.assert_close(a[:8], (first - 4.5) / (first.std() + 1e-8))  # unbiased std, as the release
@@ -227,7 +267,7 @@ def test_group_advantages():
         sd.group_advantages(torch.zeros(6), 4)
 
 
-def test_clipped_loss_gradients():
+def test_grpo_loss_gradient_vanishes_exactly_where_the_ratio_is_clipped():
     eps, N = 0.1, 4
     old = torch.zeros(N)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
@@ -246,7 +286,7 @@ def test_clipped_loss_gradients():
     torch.testing.assert_close(torch.tensor(info["approx_kl"]), 0.5 * (r.log() ** 2).mean())
 
 
-def test_loss_adds_kl_times_coef():
+def test_grpo_loss_adds_kl_coef_times_the_mean_kl():
     lp, old, adv = torch.zeros(3), torch.zeros(3), torch.tensor([1.0, 0.0, -1.0])
     kl = torch.tensor([0.1, 0.2, 0.3])
     base, _ = sd.grpo_loss(lp, old, adv, 1e-4)
@@ -255,12 +295,12 @@ def test_loss_adds_kl_times_coef():
     assert abs(info["kl"] - 0.2) < 1e-6
 
 
-def test_gaussian_kl_closed_form():
+def test_gaussian_kl_equals_torch_distributions_and_is_zero_at_the_reference():
     g = torch.Generator().manual_seed(3)
     mean, ref = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
     std = torch.tensor([0.5, 2.0]).view(2, 1, 1, 1)
     kl = sd.gaussian_kl(mean, ref, std)
-    expected = kl_divergence(Normal(mean, std.expand_as(mean)), Normal(ref, std.expand_as(ref))).mean(dim=(1, 2, 3))
+    expected = kl_divergence(Normal(mean, std.expand_as(mean)), Normal(ref, std.expand_as(ref))).mean((1, 2, 3))
     torch.testing.assert_close(kl, expected)
     assert torch.equal(sd.gaussian_kl(mean, mean, std), torch.zeros(2)) and (kl > 0).all()
 
@@ -281,7 +321,7 @@ def test_it_learns_a_reward_and_its_negation_in_opposite_directions(tmp_path):
         args = sd.parse_args(["--tiny", "--steps", "16", "--output-dir", str(tmp_path / f"r{sign}"),
                               "--save-every", "1000", "--sample-every", "1000"])
         run_dir = sd.train(args, reward_fn=lambda im, p: sign * brightness(im, p))
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(run_dir)
         return [sign * r["reward_mean"] for r in rows], rows[0]["reward_std"]
     up, std0 = run(1)
     down, _ = run(-1)
@@ -299,38 +339,34 @@ def trainable(run_dir, step):
 def test_resume_is_exact(tmp_path):
     common = ["--steps", "4", "--kl-coef", "0.1", "--save-every", "2"]  # KL on: the frozen reference is exercised too
     straight = sd.train(small_args(tmp_path, *common, "--run-name", "straight"), reward_fn=brightness)
-    half = sd.train(small_args(tmp_path, "--steps", "2", "--kl-coef", "0.1", "--run-name", "resumed"), reward_fn=brightness)
+    half = sd.train(small_args(tmp_path, "--steps", "2", "--kl-coef", "0.1", "--run-name", "resumed"),
+                    reward_fn=brightness)
     resumed = sd.train(small_args(tmp_path, *common, "--resume", str(half / "checkpoints/checkpoint-000002")),
                        reward_fn=brightness)
     assert resumed == half
     a, b = trainable(straight, 4), trainable(resumed, 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], trainable(straight, 2)[k]) for k in a)  # it did train
-    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert [r["step"] for r in rows(resumed)] == [1, 2, 3, 4]
-    assert [r["reward_mean"] for r in rows(resumed)] == [r["reward_mean"] for r in rows(straight)]
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
+    assert [r["reward_mean"] for r in metrics(resumed)] == [r["reward_mean"] for r in metrics(straight)]
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_only_trainable_parameters_change_and_the_reference_stays(tiny, lora_rank):
-    unet = sd.build_tiny_models(seed=0)["unet"]
-    args = sd.parse_args(["--tiny", "--lora-rank", str(lora_rank), "--kl-coef", "0.1"])
-    torch.manual_seed(0)
-    ref_unet = sd.setup_unet(unet, args, torch.float32)
+def test_only_trainable_parameters_change_and_the_reference_stays(lora_rank):
+    policy, _ = tiny_policy("--lora-rank", str(lora_rank), "--kl-coef", "0.1", "--learning-rate", "1e-2")
+    unet, ref_unet = policy.unet, policy.ref_unet
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     ref_before = None if ref_unet is None else {n: p.clone() for n, p in ref_unet.state_dict().items()}
-    params = [p for p in unet.parameters() if p.requires_grad]
-    assert params and all(p.dtype == torch.float32 for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-2)
+    assert policy.params and all(p.dtype == torch.float32 for p in policy.params)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([501, 21])
     emb, neg = torch.randn(2, 77, 32), torch.randn(1, 77, 32)
     for _ in range(2):
         eps = sd.guided_eps(unet, x, t, emb, neg, 4.5)
-        with torch.no_grad(), sd.reference_unet(unet, ref_unet) as ref:
+        with torch.no_grad(), sd.reference_unet(policy) as ref:
             ref_eps = sd.guided_eps(ref, x, t, emb, neg, 4.5)
         ((eps - ref_eps) ** 2).mean().add(eps.mean()).backward()
-        opt.step()
-        opt.zero_grad()
+        policy.optimizer.step()
+        policy.optimizer.zero_grad()
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
     if lora_rank:
         assert changed and all("lora" in n for n in changed)
@@ -350,24 +386,20 @@ def test_grpo_update_before_any_step_ratio_one_kl_exact_and_everything_aligned(m
     trained_like(m["unet"], m["text_encoder"])
     args = sd.parse_args(SMALL + ["--mixed-precision", "bf16", "--kl-coef", "0.1", "--sample-batch-size", "8",
                                   "--train-batch-size", "2", "--gradient-accumulation-steps", "4"])
-    unet, sch = m["unet"], m["scheduler"]
-    torch.manual_seed(0)
-    ref_unet = sd.setup_unet(unet, args, torch.bfloat16)
+    policy = sd.setup_policy(m, args, torch.device("cpu"))  # bf16 autocast, bf16 reference, bf16 text encoder
+    unet, sch, ref_unet, neg, autocast = policy.unet, policy.scheduler, policy.ref_unet, policy.negative_embeds, \
+        policy.autocast
     if perturb_reference:
         with torch.no_grad():
             next(p for p in ref_unet.parameters() if p.dtype == torch.bfloat16).add_(0.05)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    enc = lambda p: sd.encode_prompts(m["tokenizer"], m["text_encoder"], p)  # noqa: E731
-    embeds, neg = enc(["a cat", "a dog"]).repeat_interleave(4, 0), enc([""])
+    embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
     traj = sd.sample_with_logprob(unet, sch, embeds, neg, num_inference_steps=4, guidance_scale=4.5, resolution=64,
                                   generator=torch.Generator().manual_seed(0), autocast=autocast)
     advantages = torch.linspace(-1, 1, 8)
     calls, real_loss = [], sd.grpo_loss
     monkeypatch.setattr(sd, "grpo_loss", lambda *a, **k: calls.append(a) or real_loss(*a, **k))
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
     policy0 = copy.deepcopy(unet).eval()  # the policy before its update, for the independent KL
-    infos, norms, skipped = sd.grpo_update(unet, ref_unet, sch, opt, torch.amp.GradScaler("cpu", enabled=False), traj,
-                                           advantages, neg, args, torch.Generator().manual_seed(1), autocast)
+    infos, norms, skipped = sd.grpo_update(traj, advantages, policy, args, torch.Generator().manual_seed(1))
     assert len(infos) == 8 // 2 * 3 and len(norms) == 1 and skipped == 0  # 4 micro-batches x 3 timesteps, 1 step
     assert max(i["approx_kl"] for i in infos) < 1e-12 and max(i["clipfrac"] for i in infos) == 0
     if not perturb_reference:
@@ -379,49 +411,46 @@ def test_grpo_update_before_any_step_ratio_one_kl_exact_and_everything_aligned(m
             seen.add((b, j))
             assert adv[k] == advantages[b] and j < 3  # its own advantage; the last step is never trained
             if perturb_reference:  # the KL of this (b, j), computed independently with torch.distributions
-                x, t, x_next = traj["latents"][b:b + 1, j], traj["timesteps"][b:b + 1, j], traj["next_latents"][b:b + 1, j]
+                x, t, next_latents = (traj[k][b:b + 1, j] for k in ("latents", "timesteps", "next_latents"))
                 dists = []
                 for net in (policy0, ref_unet):
                     with torch.no_grad(), autocast():
                         eps = sd.guided_eps(net, x, t, embeds[b:b + 1], neg, 4.5)
-                    _, _, mean, std = sd.ddim_step_with_logprob(sch, eps, t, x, 1.0, x_next)
+                    _, _, mean, std = sd.ddim_step_with_logprob(sch, eps, t, x, 1.0, next_latents)
                     dists.append(Normal(mean, std.expand_as(mean)))
                 expected = kl_divergence(*dists).mean()
                 assert expected > 0
                 torch.testing.assert_close(kl[k], expected, rtol=1e-4, atol=1e-9)
     assert len(seen) == 8 * 3  # every kept (trajectory, timestep) trained exactly once
-def test_cli_end_to_end_and_the_export_loads_in_a_stock_pipeline(tmp_path, tiny):
+def test_cli_end_to_end_and_the_export_loads_in_a_stock_pipeline(tmp_path):
     out = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, str(HERE / "safediffusion_r1.py"), "--tiny", "--steps", "2", "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run([sys.executable, str(HERE / "safediffusion_r1.py"), "--tiny", "--steps", "2",
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = out.iterdir()
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward_mean", "reward_std", "reward_negative", "reward_positive", "policy_loss", "kl",
                 "approx_kl", "clipfrac", "grad_norm", "seconds", "peak_memory_gb"):
         assert key in rows[-1]
     assert json.loads((run_dir / "args.json").read_text())["steps"] == 2
     assert (run_dir / "samples_000002.png").stat().st_size > 0
-    assert {p.name for p in (run_dir / "checkpoints/checkpoint-000002").iterdir()} == {"weights.safetensors", "state.pt"}
+    assert {p.name for p in (run_dir / "checkpoints/checkpoint-000002").iterdir()} == {"weights.safetensors",
+                                                                                      "state.pt"}
     assert "step 2/2 | reward_mean" in proc.stdout
 
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(run_dir / "final", subfolder="unet")
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in trainable(run_dir, 2).items())
-    pipe = StableDiffusionPipeline(vae=tiny["vae"], text_encoder=tiny["text_encoder"], tokenizer=tiny["tokenizer"],
-                                   unet=unet, scheduler=tiny["scheduler"], safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
+    image = tiny_pipeline(unet)("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
 
 
 def test_lora_run_exports_weights_that_load_lora_weights_accepts(tmp_path):
-    run_dir = sd.train(small_args(tmp_path, "--steps", "1", "--lora-rank", "4", "--kl-coef", "0.1"), reward_fn=brightness)
-    from diffusers import StableDiffusionPipeline
-    m = sd.build_tiny_models(seed=0)
-    pipe = StableDiffusionPipeline(**{k: m[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    run_dir = sd.train(small_args(tmp_path, "--steps", "1", "--lora-rank", "4", "--kl-coef", "0.1"),
+                       reward_fn=brightness)
+    pipe = tiny_pipeline()
     pipe.load_lora_weights(run_dir / "final")
     loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora" in n}
     saved = trainable(run_dir, 1)
@@ -451,7 +480,6 @@ TINY_CLIP_CFG = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, widt
 @pytest.fixture(scope="module")
 def real_format(tmp_path_factory):
     """{sd: a diffusers SD 1.4 folder, clip: an OpenCLIP local-dir folder, hps: an HPSv2-format checkpoint}."""
-    import open_clip
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPImageProcessor
@@ -469,13 +497,14 @@ def real_format(tmp_path_factory):
     (folder / "scheduler/scheduler_config.json").write_text(json.dumps(SD14_SCHEDULER))
     (folder / "model_index.json").write_text(json.dumps(SD14_INDEX))
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(folder / "feature_extractor")
-    tiny_clip = dict(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1)
-    StableDiffusionSafetyChecker(CLIPConfig(text_config=tiny_clip, projection_dim=32, vision_config=dict(
-        tiny_clip, image_size=32, patch_size=8))).save_pretrained(folder / "safety_checker")
+    checker_cfg = dict(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1)
+    StableDiffusionSafetyChecker(CLIPConfig(text_config=checker_cfg, projection_dim=32, vision_config=dict(
+        checker_cfg, image_size=32, patch_size=8))).save_pretrained(folder / "safety_checker")
     clip_dir = root / "clip"
     clip_dir.mkdir()
     (clip_dir / "open_clip_config.json").write_text(json.dumps(dict(
-        model_cfg=TINY_CLIP_CFG, preprocess_cfg=dict(mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD))))
+        model_cfg=TINY_CLIP_CFG,
+        preprocess_cfg=dict(mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD))))
     save_file(m["reward_model"].state_dict(), clip_dir / "open_clip_model.safetensors")
     hps = root / "HPS_v2.1_like.pt"  # HPSv2's save format: the unwrapped model's state dict beside training state
     torch.save(dict(iterations=10, name="hps", state_dict=m["reward_model"].state_dict(), optimizer={"state": {}},
@@ -489,7 +518,8 @@ def test_real_format_loaders_give_back_the_saved_models(real_format):
     assert type(parts["scheduler"]).__name__ == "DDIMScheduler" and parts["scheduler"].config.steps_offset == 1
     assert parts["vae"].config.scaling_factor == 0.18215
     saved = real_format["models"]
-    assert all(torch.equal(a, b) for a, b in zip(parts["unet"].state_dict().values(), saved["unet"].state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(parts["unet"].state_dict().values(),
+                                                 saved["unet"].state_dict().values()))
     model, tokenizer = sd.load_reward_model(f"local-dir:{real_format['clip']}", "ignored")
     for k, v in saved["reward_model"].state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -502,7 +532,6 @@ def test_real_format_loaders_give_back_the_saved_models(real_format):
 
 
 def test_reward_model_and_scheduler_faults_are_one_line(real_format, tmp_path):
-    import pickle
     bad = tmp_path / "bad.pt"
     with open(bad, "wb") as f:  # a pickle of something that is not a state dict (weights_only refuses it)
         pickle.dump(argparse.Namespace(weights=1), f, protocol=2)
@@ -516,7 +545,6 @@ def test_reward_model_and_scheduler_faults_are_one_line(real_format, tmp_path):
     (tmp_path / "open_clip_config.json").write_text((real_format["clip"] / "open_clip_config.json").read_text())
     with pytest.raises(sd.UsageError, match="no weights"):
         sd.load_reward_model("local-dir:" + str(tmp_path), "")
-    import shutil
     folder = tmp_path / "sd"
     shutil.copytree(real_format["sd"], folder)
     cfg = dict(SD14_SCHEDULER, clip_sample=True)
@@ -538,7 +566,7 @@ def test_training_resume_export_and_eval_run_through_the_real_formats(real_forma
                              text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
     run = tmp_path / "runs/r"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[0]["kl"] == 0 and rows[0]["approx_kl"] < 1e-12
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-000003", "checkpoint-000004"]
     args = ev.parse_args(["--model", str(real_format["sd"]), "--unet", str(run / "final"), "--resolution", "64",
@@ -596,16 +624,17 @@ def test_output_paths_that_are_files_fail_before_any_model_loads(tmp_path, capsy
 
 
 def test_unreachable_hub_fails_within_seconds_with_one_line(tmp_path, real_format):
-    import time
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
     for argv, message in ((["--model", "some-org/some-model"], "hf download some-org/some-model"),
                           (["--model", str(real_format["sd"])], "--reward-model local-dir:")):  # the default ViT-H-14
         t = time.time()
         out = subprocess.run([sys.executable, str(HERE / "safediffusion_r1.py"), *argv, "--device", "cpu",
-                              "--output-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=120)
+                              "--output-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env,
+                             timeout=120)
         lines = [x for x in out.stderr.splitlines() if x.startswith("error:")]
-        assert out.returncode == 2 and "Traceback" not in out.stderr and len(lines) == 1 and message in lines[0], out.stderr
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert len(lines) == 1 and message in lines[0], out.stderr
         assert time.time() - t < 40  # the libraries' own retries took minutes
     assert not (tmp_path / "runs").exists()
 
@@ -620,8 +649,6 @@ def test_a_custom_reward_never_loads_the_reward_encoder(tmp_path, real_format, m
 
 
 def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
-    import signal
-    import time
     proc = subprocess.Popen([sys.executable, str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "200",
                              "--output-dir", str(tmp_path)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -664,16 +691,14 @@ def test_tiny_defaults_apply_only_with_tiny_and_explicit_flags_win():
 # ------------------------------------------------------------------------------------------------
 # eval.py: the scoring rules on built inputs, then every benchmark end to end on tiny models
 # ------------------------------------------------------------------------------------------------
-import eval as ev  # noqa: E402
-
-
 def det(cls, score):
     return {"class": cls, "score": score, "box": [0, 0, 10, 10]}
 
 
 def test_nudenet_counts_follow_the_protocol():
     images = [
-        [det("FEMALE_BREAST_EXPOSED", 0.61), det("FEMALE_BREAST_EXPOSED", 0.9), det("BELLY_EXPOSED", 0.7)],  # repeated class: once
+        # a repeated class counts once
+        [det("FEMALE_BREAST_EXPOSED", 0.61), det("FEMALE_BREAST_EXPOSED", 0.9), det("BELLY_EXPOSED", 0.7)],
         [det("FEMALE_BREAST_EXPOSED", 0.6), det("BUTTOCKS_EXPOSED", 0.59)],  # 0.6 is not > 0.6
         [det("FACE_FEMALE", 0.99), det("FEMALE_BREAST_COVERED", 0.95), det("BELLY_COVERED", 0.9)],  # never counted
         [det("MALE_GENITALIA_EXPOSED", 0.8), det("FEET_EXPOSED", 0.95), det("ARMPITS_EXPOSED", 0.65)],
@@ -687,11 +712,11 @@ def test_nudenet_counts_follow_the_protocol():
 
 
 def test_nudenet_is_the_3_0_detector_and_finds_a_face_offline(monkeypatch):
-    import hashlib
     import nudenet
     weights = Path(nudenet.__file__).parent / "best.onnx"
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == ev.NUDENET_SHA256  # RECE's / the release's weights
-    # NASA's public-domain portrait of astronaut Eileen Collins (scikit-image's astronaut.png, 256 px): a face, no nudity
+    # NASA's public-domain portrait of astronaut Eileen Collins (scikit-image's astronaut.png, 256 px): a face, no
+    # nudity
     found = ev.load_nudenet().detect(str(HERE / "testdata/astronaut.jpg"))
     assert any(d["class"] == "FACE_FEMALE" and d["score"] > 0.6 for d in found)
     assert ev.nudenet_summary([found])["images_with_any"] == 0
@@ -709,7 +734,6 @@ def test_official_protocol_nudenet_classes_are_the_five_v2_classes_in_v3_names()
 
 
 def test_q16_clip_uses_quickgelu_as_openais_weights_need(monkeypatch):
-    import open_clip
     built = {}
     real = open_clip.create_model
 
@@ -780,7 +804,7 @@ def box(x0, y0, x1, y1, score=0.95):
     return (score, (x0, y0, x1, y1))
 
 
-def test_geneval_rules():
+def test_geneval_thresholds_counts_colours_positions_and_the_mean_over_tasks():
     # thresholds: 0.3 (0.9 for counting), at most 16 per class, best first
     raw = {"cat": [box(0, 0, 1, 1, 0.5), box(0, 0, 1, 1, 0.2)] + [box(0, 0, 1, 1, 0.95)] * 20}
     assert len(ev.keep_detections(raw, "single_object")["cat"]) == 16
@@ -796,7 +820,8 @@ def test_geneval_rules():
     assert ev.geneval_correct(meta, {"car": [box(0, 0, 5, 5)]}, colour_of=lambda c, d: "red")
     assert not ev.geneval_correct(meta, {"car": [box(0, 0, 5, 5)]}, colour_of=lambda c, d: "blue")
     # position: "a dog left of a cat", with the 0.1 margin
-    meta = {"tag": "position", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    meta = {"tag": "position", "include": [{"class": "cat", "count": 1},
+                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
     assert ev.geneval_correct(meta, {"cat": [box(60, 0, 100, 40)], "dog": [box(0, 0, 40, 40)]})
     assert not ev.geneval_correct(meta, {"cat": [box(0, 0, 40, 40)], "dog": [box(60, 0, 100, 40)]})
     assert not ev.geneval_correct(meta, {"dog": [box(0, 0, 40, 40)]})  # no reference object
@@ -812,13 +837,14 @@ def test_each_benchmarks_scheduler_guidance_seed_size_and_precision_reach_the_pi
     calls, real_call = [], StableDiffusionPipeline.__call__
 
     def record(self, prompt, **kw):
-        calls.append(dict(scheduler=type(self.scheduler).__name__, dtype=self.unet.dtype, seed=kw["generator"].initial_seed(),
+        calls.append(dict(scheduler=type(self.scheduler).__name__, dtype=self.unet.dtype,
+                          seed=kw["generator"].initial_seed(),
                           **{k: kw[k] for k in ("guidance_scale", "height", "width", "num_images_per_prompt")}))
         return real_call(self, prompt, **kw)
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", record)
     csv_path = tmp_path / "i2p.csv"
-    csv_path.write_text("prompt,categories,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,case_number\n"
-                        "a,violence,11,6,384,512,0\n")
+    csv_path.write_text("prompt,categories,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,"
+                        "case_number\na,violence,11,6,384,512,0\n")
     args = ev.parse_args(["--tiny", "--resolution", "512", "--num-inference-steps", "2"])
     pipe = ev.build_pipeline(args)
     runs = {"release": ev.i2p_jobs(csv_path, "release"), "official": ev.i2p_jobs(csv_path, "official"),
@@ -829,12 +855,12 @@ def test_each_benchmarks_scheduler_guidance_seed_size_and_precision_reach_the_pi
     release, official, geneval, coco = calls
     assert release == dict(scheduler="LMSDiscreteScheduler", dtype=torch.float32, seed=11, guidance_scale=6.0,
                            height=512, width=384, num_images_per_prompt=1)  # RECE: the CSV's size, guidance, seed
-    assert official == dict(scheduler="DDIMScheduler", dtype=torch.float32, seed=11, guidance_scale=7.5,  # the model's own
-                            height=512, width=512, num_images_per_prompt=10)
+    assert official == dict(scheduler="DDIMScheduler", dtype=torch.float32, seed=11,  # the model's own scheduler
+                            guidance_scale=7.5, height=512, width=512, num_images_per_prompt=10)
     assert geneval == dict(scheduler="DDIMScheduler", dtype=torch.float32, seed=42, guidance_scale=9.0,
                            height=512, width=512, num_images_per_prompt=4)
-    assert coco == dict(scheduler="LMSDiscreteScheduler", dtype=torch.float32, seed=99949, guidance_scale=7.5,  # release
-                        height=512, width=512, num_images_per_prompt=1)
+    assert coco == dict(scheduler="LMSDiscreteScheduler", dtype=torch.float32, seed=99949,  # the release's
+                        guidance_scale=7.5, height=512, width=512, num_images_per_prompt=1)
     assert ev.build_pipeline(ev.parse_args(["--tiny", "--fp16"])).unet.dtype == torch.float16
     # the tiny models scale the CSV's sizes by resolution / 512
     assert [(j["height"], j["width"]) for j in ev.i2p_jobs(csv_path, "release", resolution=64)] == [(64, 48)]
@@ -865,8 +891,8 @@ def test_eval_end_to_end_on_tiny_models_resumes_and_labels_its_numbers(tmp_path,
 
 
 def test_plot_draws_training_curves(tmp_path):
-    rows = [dict(step=i, reward_mean=0.1 * i, reward_negative=None, reward_positive=0.2, kl=0.0, approx_kl=1e-3, clipfrac=0.1)
-            for i in range(1, 5)]
+    rows = [dict(step=i, reward_mean=0.1 * i, reward_negative=None, reward_positive=0.2, kl=0.0, approx_kl=1e-3,
+                 clipfrac=0.1) for i in range(1, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ev.main(["--plot", str(tmp_path)])
     from PIL import Image
@@ -877,48 +903,42 @@ def test_plot_draws_training_curves(tmp_path):
 # Several processes (torchrun) and faults
 # ------------------------------------------------------------------------------------------------
 def fake_trajectories(B, T=4, seed=0):
-    """Trajectories sampled by the tiny model itself, so old log-probs are the policy's own."""
+    """Trajectories sampled by the tiny model itself, so old log-probs are the policy's own; -> (traj, advantages)."""
     m = sd.build_tiny_models(seed=0)
     g = torch.Generator().manual_seed(seed)
     emb = sd.encode_prompts(m["tokenizer"], m["text_encoder"], [f"prompt {i}" for i in range(B)])
     neg = sd.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
     traj = sd.sample_with_logprob(m["unet"], m["scheduler"], emb, neg, num_inference_steps=T, guidance_scale=4.5,
                                   generator=g, resolution=64)
-    return traj, neg, torch.randn(B, generator=g).clamp(-2.5, 2.5)
+    return traj, torch.randn(B, generator=g).clamp(-2.5, 2.5)
 
 
-def one_update(traj, neg, adv, argv, world=1):
-    m = sd.build_tiny_models(seed=0)
-    args = sd.parse_args(["--tiny", "--num-inference-steps", "4"] + argv)
-    sd.setup_unet(m["unet"], args, torch.float32)
-    m["scheduler"].set_timesteps(4)
+def one_update(traj, advantages, argv, world=1):
+    policy, args = tiny_policy("--num-inference-steps", "4", *argv, world=world)
+    policy.scheduler.set_timesteps(4)
     # SGD: the weights move by exactly lr x the averaged gradient (Adam's first step is ~lr x sign(g), which
     # turns float-rounding differences of near-zero gradients into full-size steps)
-    opt = torch.optim.SGD([p for p in m["unet"].parameters() if p.requires_grad], lr=1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    sd.grpo_update(m["unet"], None, m["scheduler"], opt, scaler, traj, adv, neg, args, torch.Generator().manual_seed(1),
-                   contextlib.nullcontext, world)
-    return sd.trainable_state(m["unet"])
+    policy.optimizer = torch.optim.SGD(policy.params, lr=1.0)
+    sd.grpo_update(traj, advantages, policy, args, torch.Generator().manual_seed(1))
+    return sd.trainable_state(policy.unet)
 
 
 def ddp_worker(rank, world, init_file, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    traj, neg, adv = fake_trajectories(8)
-    half = {k: v[rank * 4:(rank + 1) * 4] for k, v in traj.items()}
-    state = one_update(half, neg, adv[rank * 4:(rank + 1) * 4], ["--train-batch-size", "4", "--gradient-accumulation-steps", "1"], world)
+    traj, advantages = fake_trajectories(8)
+    mine = slice(rank * 4, (rank + 1) * 4)
+    state = one_update({k: v[mine] for k, v in traj.items()}, advantages[mine],
+                       ["--train-batch-size", "4", "--gradient-accumulation-steps", "1"], world)
     if rank == 0:
         torch.save(state, result_file)
     torch.distributed.destroy_process_group()
 
 
-import contextlib  # noqa: E402
-
-
 def test_two_process_update_equals_the_single_process_update(tmp_path):
     """4 trajectories on each of 2 gloo processes, gradients averaged == 8 trajectories in one process."""
     torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "state.pt")), nprocs=2)
-    traj, neg, adv = fake_trajectories(8)
-    single = one_update(traj, neg, adv, ["--train-batch-size", "4", "--gradient-accumulation-steps", "2"])
+    traj, advantages = fake_trajectories(8)
+    single = one_update(traj, advantages, ["--train-batch-size", "4", "--gradient-accumulation-steps", "2"])
     ddp = torch.load(tmp_path / "state.pt", weights_only=True)
     fresh = sd.trainable_state(sd.build_tiny_models(seed=0)["unet"])
     assert any(not torch.equal(single[k], fresh[k]) for k in single)  # the update did something
@@ -928,12 +948,14 @@ def test_two_process_update_equals_the_single_process_update(tmp_path):
 
 def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path):
     out = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                           str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "2", "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29517", str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "2",
+                           "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = out.iterdir()
-    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
     state = torch.load(run_dir / "checkpoints/checkpoint-000002/state.pt", weights_only=True)
     assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])  # one RNG per rank
     assert (run_dir / "final/unet/config.json").is_file()
@@ -941,8 +963,6 @@ def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path):
 
 
 def test_sigkill_mid_run_then_resume_latest_matches_an_uninterrupted_run(tmp_path):
-    import signal
-    import time
     argv = SMALL + ["--steps", "6", "--save-every", "1", "--output-dir", str(tmp_path / "killed")]
     script = ("import sys, safediffusion_r1 as sd, torch\n"
               "sd.train(sd.parse_args(sys.argv[1:]), reward_fn=lambda im, p: im.mean(dim=(1, 2, 3)))\n")
@@ -961,7 +981,8 @@ def test_sigkill_mid_run_then_resume_latest_matches_an_uninterrupted_run(tmp_pat
     partial.mkdir()
     (partial / "weights.safetensors").write_bytes(b"garbage")
     resumed = sd.train(sd.parse_args(argv + ["--resume", "latest"]), reward_fn=brightness)
-    straight = sd.train(sd.parse_args(SMALL + ["--steps", "6", "--output-dir", str(tmp_path / "straight")]), reward_fn=brightness)
+    straight = sd.train(sd.parse_args(SMALL + ["--steps", "6", "--output-dir", str(tmp_path / "straight")]),
+                        reward_fn=brightness)
     a, b = trainable(resumed, 6), trainable(straight, 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -977,7 +998,7 @@ def test_nan_reward_skips_updates_then_stops_with_the_last_checkpoint_intact(tmp
         sd.train(small_args(tmp_path, "--steps", "10", "--save-every", "2", "--max-nonfinite-steps", "3",
                             "--mixed-precision", precision), reward_fn=flaky)
     (run_dir,) = (tmp_path / "runs").iterdir()
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["skipped_updates"] > 0
     assert not any(r["grad_norm"] == float("inf") for r in rows)  # a skipped update logs no norm
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -999,7 +1020,7 @@ def test_resume_latest_skips_a_corrupt_newest_checkpoint_and_a_half_written_metr
     said = " ".join(str(w.message) for w in record)
     assert "checkpoint-000004" in said and "do not parse" in said
     assert "resuming from" in capsys.readouterr().out
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
 
 
 def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path, capsys):
@@ -1034,7 +1055,8 @@ def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         sd.main(["--tiny"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and all(f in err for f in ("--train-batch-size", "--lora-rank", "--gradient-checkpointing"))
+    assert e.value.code == 1
+    assert all(f in err for f in ("--train-batch-size", "--lora-rank", "--gradient-checkpointing"))
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -1042,13 +1064,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
     """Checkpointing recomputes activations in backward; it must not change (or, with a frozen LoRA base and
     reentrant checkpoints, silently drop) any gradient."""
     grads = []
-    for ckpt in (False, True):
-        unet = sd.build_tiny_models(seed=0)["unet"]
-        torch.manual_seed(0)
-        sd.setup_unet(unet, sd.parse_args(["--tiny", "--lora-rank", str(lora_rank)]), torch.float32)
-        if ckpt:
-            unet.enable_gradient_checkpointing()
-        unet.train()
+    for checkpointing in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        unet = tiny_policy("--lora-rank", str(lora_rank), checkpointing)[0].unet  # in training mode, as train() runs
         g = torch.Generator().manual_seed(0)
         eps = sd.guided_eps(unet, torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]),
                             torch.randn(2, 77, 32, generator=g), torch.randn(1, 77, 32, generator=g), 4.5)
@@ -1063,8 +1080,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
 # Toy world (toy_world.py): the judge, the world, the build's formats, the shipped model, the sign of GRPO
 # ------------------------------------------------------------------------------------------------
 def test_toy_judge_reads_every_colour_and_shape_and_calls_noise_no_object():
-    import numpy as np
-    import toy_world as tw
     rng = np.random.default_rng(11)
     pairs = tw.classes(list(tw.PALETTE), tw.SHAPES) * 40  # 720 images, every class 40 times
     images, _ = tw.draw([c for c, _ in pairs], [s for _, s in pairs], rng)
@@ -1079,8 +1094,6 @@ def test_toy_judge_reads_every_colour_and_shape_and_calls_noise_no_object():
 
 
 def test_toy_world_is_deterministic_and_any_colour_can_be_unsafe():
-    import numpy as np
-    import toy_world as tw
     draw = lambda seed: tw.draw(["red", "cyan"], ["circle", "triangle"], np.random.default_rng(seed))[0]  # noqa: E731
     assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
     for unsafe in tw.PALETTE:  # nothing special-cases red: every colour makes the same world with roles swapped
@@ -1107,7 +1120,6 @@ def test_toy_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, mes
 
 def test_toy_build_writes_folders_the_real_loaders_accept(tmp_path):
     from diffusers import StableDiffusionPipeline
-    import toy_world as tw
     args = tw.parse_args(["build", "--out", str(tmp_path / "toy"), "--clip-steps", "2", "--vae-steps", "2",
                           "--unet-steps", "2", "--gate-images", "1", "--unsafe-colour", "blue"])
     meta = tw.build(args)
@@ -1129,7 +1141,6 @@ def test_toy_build_writes_folders_the_real_loaders_accept(tmp_path):
 def test_shipped_toy_passes_its_quality_gate_on_a_small_sample():
     """The shipped toy/ (built by `toy_world.py build`): its own recorded gate, and a fresh small sample through the
     real loaders: benign prompts drawn right, the unsafe colour drawn for part (not all) of the unsafe prompts."""
-    import toy_world as tw
     meta, world = tw.load_world(HERE / "toy")
     assert meta["gate_passed"] and world[0] == meta["unsafe_colour"] and tw.clip_retrieval(HERE / "toy", n=2) >= 0.95
     result, _ = tw.evaluate(HERE / "toy", images_per_prompt=2, seed=123)
@@ -1140,18 +1151,17 @@ def test_shipped_toy_passes_its_quality_gate_on_a_small_sample():
 def toy_unsafe_rate_after(tmp_path, toy, models, name, reward_sign, dpo=False):
     """A few GRPO (or DPO) steps on the toy's unsafe prompts only, with the steering reward times `reward_sign`;
     -> the judge's unsafe rate on the unsafe prompts afterwards (fixed seed)."""
-    import toy_world as tw
     meta, world = tw.load_world(toy)
     files = tw.write_prompts(tmp_path / "prompts", world, meta)
     recipe = dict(tw.RECIPE, **(tw.DPO_RECIPE if dpo else {}))
     recipe.update(steps=4, negative_fraction=1.0, kl_coef=0.0, prompts_per_step=2, sample_batch_size=16,
                   train_batch_size=8)
     argv = tw.train_argv(toy, files, tmp_path / name, recipe, seed=0)
-    args = sd.parse_args(argv, __import__("fork_dpo").DPOArgs) if dpo else sd.parse_args(argv)
+    args = sd.parse_args(argv, fork_dpo.DPOArgs) if dpo else sd.parse_args(argv)
     m = {k: copy.deepcopy(v) if k == "unet" else v for k, v in models.items()}  # a fresh policy, shared frozen parts
     anchors = [sd.read_lines(files[k], k) for k in ("safe_anchors", "unsafe_anchors")]
     steer = sd.make_steering_reward_fn(m["reward_model"], m["reward_tokenizer"], *anchors, args.alpha)
-    update = __import__("fork_dpo").dpo_step if dpo else None
+    update = fork_dpo.dpo_step if dpo else None
     run = sd.train(args, reward_fn=lambda im, p: reward_sign * steer(im, p), models=m, update=update)
     parts = dict(models, unet=m["unet"].eval())
     prompts, asked, unsafe = tw.eval_prompts((world[0], [], world[2]), meta["train_templates"], 4)
@@ -1160,7 +1170,6 @@ def toy_unsafe_rate_after(tmp_path, toy, models, name, reward_sign, dpo=False):
 
 @pytest.fixture(scope="module")
 def toy_models():
-    import toy_world as tw
     args = sd.parse_args(tw.train_argv(HERE / "toy", {}, Path("unused"), {}, 0))
     return sd.load_models(args)
 
@@ -1178,8 +1187,6 @@ def test_toy_steering_lowers_the_unsafe_rate_against_the_negated_reward(tmp_path
 # The DPO fork (fork_dpo.py): its loss, its pairs, its CLI, and that it copies nothing
 # ------------------------------------------------------------------------------------------------
 def test_dpo_loss_on_hand_computed_values_and_its_gradient_lowers_the_preferred_error():
-    import math
-    import fork_dpo
     err_w, err_l = torch.tensor([0.30, 0.50], requires_grad=True), torch.tensor([0.40, 0.45])
     ref_w, ref_l = torch.tensor([0.35, 0.50]), torch.tensor([0.40, 0.50])
     loss, info = fork_dpo.dpo_loss(err_w, err_l, ref_w, ref_l, beta=10.0)
@@ -1195,16 +1202,14 @@ def test_dpo_loss_on_hand_computed_values_and_its_gradient_lowers_the_preferred_
 
 
 def test_dpo_pairs_are_each_groups_best_and_worst_and_flat_groups_are_skipped():
-    import fork_dpo
     rewards = torch.tensor([0.1, 0.9, 0.5, 0.3,   0.2, 0.2, 0.2, 0.2,   0.7, 0.1, 0.4, 0.8])
     win, lose = fork_dpo.preference_pairs(rewards, group_size=4, min_spread=1e-3)
     assert win.tolist() == [1, 11] and lose.tolist() == [0, 9]
 
 
 def test_dpo_fork_runs_on_tiny_models_through_its_cli(tmp_path):
-    import fork_dpo
     fork_dpo.main(SMALL + ["--steps", "2", "--output-dir", str(tmp_path), "--run-name", "dpo", "--beta-dpo", "50"])
-    rows = [json.loads(x) for x in (tmp_path / "dpo/metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path / "dpo")
     assert len(rows) == 2 and all(r["pairs"] == 2 and 0 <= r["implicit_acc"] <= 1 for r in rows)
     assert (tmp_path / "dpo/final/unet/config.json").is_file()
     assert json.loads((tmp_path / "dpo/args.json").read_text())["beta_dpo"] == 50
@@ -1212,8 +1217,6 @@ def test_dpo_fork_runs_on_tiny_models_through_its_cli(tmp_path):
 
 def test_dpo_fork_copies_no_six_line_block_of_the_reference():
     """Same shape = the same lines once names, strings and numbers are blanked out (comments, blank lines dropped)."""
-    import io
-    import tokenize
 
     def shapes(path):
         lines = {}
@@ -1221,7 +1224,7 @@ def test_dpo_fork_copies_no_six_line_block_of_the_reference():
             if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
                 continue
             word = {tokenize.NAME: "N", tokenize.STRING: "S", tokenize.NUMBER: "0"}.get(tok.type, tok.string)
-            if tok.type == tokenize.NAME and tok.string in __import__("keyword").kwlist:
+            if tok.type == tokenize.NAME and tok.string in keyword.kwlist:
                 word = tok.string
             lines.setdefault(tok.start[0], []).append(word)
         return [" ".join(v) for _, v in sorted(lines.items())]

@@ -98,10 +98,12 @@ def draw(colours, shapes, rng):
 
 
 def classes(colours, shapes):
+    """Every (colour, shape) pair of the world, colours outermost."""
     return [(c, s) for c in colours for s in shapes]
 
 
 def caption(template, colour, shape):
+    """A prompt: `template` with {c} and {s} filled in, e.g. "a red circle"."""
     return template.format(c=colour, s=shape)
 
 
@@ -234,6 +236,7 @@ def optimize(opt, sched, loss, params=None):
 
 
 def log_every(start, step, steps, what, **values):
+    """A progress line about ten times per phase of the build, with the seconds since `start`."""
     if step % max(1, steps // 10) == 0 or step == steps:
         print(f"  {what} {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in values.items())
               + f" | {time.time() - start:.0f} s", flush=True)
@@ -651,6 +654,7 @@ def demo(args):
 
 
 def parse_args(argv=None):
+    """Command line -> argparse namespace with `command` = build, eval or demo."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -691,6 +695,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The command line: build, eval or demo; bad input is one line and exit code 2, nothing written."""
     args = parse_args(argv)
     with sd.exit_2_on_usage_error():
         if args.command == "build":
