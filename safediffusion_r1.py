@@ -219,14 +219,17 @@ def sd_scheduler(**overrides):
     return DDIMScheduler(**{**cfg, **overrides})
 
 
-def clip_tokenizer():
-    """A transformers CLIPTokenizer built from the BPE vocabulary that open_clip ships (works offline)."""
+def clip_tokenizer(folder=None):
+    """A transformers CLIPTokenizer built from the BPE vocabulary that open_clip ships (works offline). Its files
+    vocab.json and merges.txt (SD 1.4's tokenizer/ holds the same) are written to `folder`, or a temporary one."""
     import open_clip
     from transformers import CLIPTokenizer
     bpe = open_clip.tokenizer.SimpleTokenizer()
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    with tempfile.TemporaryDirectory() as d:
-        vocab, merge_file = Path(d, "vocab.json"), Path(d, "merges.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(folder or tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        vocab, merge_file = d / "vocab.json", d / "merges.txt"
         # open_clip names the specials <start_of_text>/<end_of_text>; SD's tokenizer <|startoftext|>/<|endoftext|>
         names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
         vocab.write_text(json.dumps({names.get(k, k): i for k, i in bpe.encoder.items()}), encoding="utf-8")

@@ -487,9 +487,12 @@ def real_format(tmp_path_factory):
     m = sd.build_tiny_models(seed=3)
     trained_like(m["unet"], m["vae"], m["text_encoder"], m["reward_model"])
     folder = root / "sd-v1-4"
-    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+    for name in ("unet", "vae", "text_encoder"):
         m[name].save_pretrained(folder / name)
-    (folder / "tokenizer/tokenizer.json").unlink(missing_ok=True)  # SD 1.4 ships the four slow-tokenizer files
+    # SD 1.4 ships the slow-tokenizer files (vocab.json, merges.txt, ...): transformers 5's save_pretrained writes
+    # only tokenizer.json, so the vocabulary is written as SD's is, and tokenizer.json dropped
+    sd.clip_tokenizer(folder / "tokenizer").save_pretrained(folder / "tokenizer")
+    (folder / "tokenizer/tokenizer.json").unlink(missing_ok=True)
     vae_cfg = json.loads((folder / "vae/config.json").read_text())
     vae_cfg.pop("scaling_factor", None)  # SD 1.4's VAE config predates it (diffusers falls back to 0.18215)
     (folder / "vae/config.json").write_text(json.dumps(vae_cfg))
@@ -516,6 +519,8 @@ def test_real_format_loaders_give_back_the_saved_models(real_format):
     from diffusers import StableDiffusionPipeline
     parts = sd.load_sd(str(real_format["sd"]))
     assert type(parts["scheduler"]).__name__ == "DDIMScheduler" and parts["scheduler"].config.steps_offset == 1
+    text = ["a photo of a cat", "digging my own grave, Beksinski"]  # the saved vocabulary, not an empty one
+    assert parts["tokenizer"](text).input_ids == real_format["models"]["tokenizer"](text).input_ids
     assert parts["vae"].config.scaling_factor == 0.18215
     saved = real_format["models"]
     assert all(torch.equal(a, b) for a, b in zip(parts["unet"].state_dict().values(),
