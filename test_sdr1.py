@@ -269,28 +269,28 @@ def test_group_advantages_are_unbiased_z_scores_zero_for_flat_groups_and_clipped
 
 def test_grpo_loss_gradient_vanishes_exactly_where_the_ratio_is_clipped():
     eps, N = 0.1, 4
-    old = torch.zeros(N)
+    old_log_prob = torch.zeros(N)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     # ratio = 1: every gradient is -A / N
-    logp = torch.zeros(N, requires_grad=True)
-    sd.grpo_loss(logp, old, adv, eps)[0].backward()
-    torch.testing.assert_close(logp.grad, -adv / N)
+    log_prob = torch.zeros(N, requires_grad=True)
+    sd.grpo_loss(log_prob, old_log_prob, adv, eps)[0].backward()
+    torch.testing.assert_close(log_prob.grad, -adv / N)
     # ratio = 1.5 (above 1 + eps): clipped for A > 0 (zero gradient), not for A < 0
     # ratio = 0.5 (below 1 - eps): clipped for A < 0 (zero gradient), not for A > 0
     r = torch.tensor([1.5, 1.5, 0.5, 0.5])
-    logp = r.log().requires_grad_(True)
-    loss, info = sd.grpo_loss(logp, old, adv, eps)
+    log_prob = r.log().requires_grad_(True)
+    loss, info = sd.grpo_loss(log_prob, old_log_prob, adv, eps)
     loss.backward()
-    torch.testing.assert_close(logp.grad, torch.tensor([0.0, 1.5 / N, -0.5 / N, 0.0]))
+    torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, 1.5 / N, -0.5 / N, 0.0]))
     assert info["clipfrac"] == 1.0
     torch.testing.assert_close(torch.tensor(info["approx_kl"]), 0.5 * (r.log() ** 2).mean())
 
 
 def test_grpo_loss_adds_kl_coef_times_the_mean_kl():
-    lp, old, adv = torch.zeros(3), torch.zeros(3), torch.tensor([1.0, 0.0, -1.0])
+    log_prob, old_log_prob, adv = torch.zeros(3), torch.zeros(3), torch.tensor([1.0, 0.0, -1.0])
     kl = torch.tensor([0.1, 0.2, 0.3])
-    base, _ = sd.grpo_loss(lp, old, adv, 1e-4)
-    with_kl, info = sd.grpo_loss(lp, old, adv, 1e-4, kl=kl, kl_coef=0.5)
+    base, _ = sd.grpo_loss(log_prob, old_log_prob, adv, 1e-4)
+    with_kl, info = sd.grpo_loss(log_prob, old_log_prob, adv, 1e-4, kl=kl, kl_coef=0.5)
     torch.testing.assert_close(with_kl - base, torch.tensor(0.5 * 0.2))
     assert abs(info["kl"] - 0.2) < 1e-6
 
@@ -939,13 +939,13 @@ def ddp_worker(rank, world, init_file, result_file):
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_update_equals_the_single_process_update(tmp_path):
+def test_two_process_update_equals_the_single_process_update(tmp_path, tiny):
     """4 trajectories on each of 2 gloo processes, gradients averaged == 8 trajectories in one process."""
     torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "state.pt")), nprocs=2)
     traj, advantages = fake_trajectories(8)
     single = one_update(traj, advantages, ["--train-batch-size", "4", "--gradient-accumulation-steps", "2"])
     ddp = torch.load(tmp_path / "state.pt", weights_only=True)
-    fresh = sd.trainable_state(sd.build_tiny_models(seed=0)["unet"])
+    fresh = sd.trainable_state(tiny["unet"])  # the same seed's UNet, never trained
     assert any(not torch.equal(single[k], fresh[k]) for k in single)  # the update did something
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6)
