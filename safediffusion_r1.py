@@ -1108,10 +1108,12 @@ def setup_run(args, reward_fn, models, update):
 
 
 def train(args, reward_fn=None, models=None, update=None):
-    """Run GRPO; returns the run folder. `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)` replaces the
-    steering reward (how a fork plugs in its own). `models`: a dict as load_models returns, built by the caller
-    (bench.py's random real-size ones) instead of loaded from --model. `update(traj, rewards, policy, args, gen)`
-    replaces the objective (grpo_step; fork_dpo.py's dpo_step), with its own `metrics` attribute."""
+    """Run GRPO; returns the run folder (None on torchrun ranks > 0, which write nothing).
+
+    `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)` replaces the steering reward (how a fork plugs in its
+    own). `models`: a dict as load_models returns, built by the caller (bench.py's random real-size ones) instead
+    of loaded from --model. `update(traj, rewards, policy, args, gen)` replaces the objective (grpo_step;
+    fork_dpo.py's dpo_step), with its own `metrics` attribute."""
     update = update or grpo_step
     run = setup_run(args, reward_fn, models, update)
     policy, models, gen, device, rank = run.policy, run.models, run.gen, run.device, run.rank
