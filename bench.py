@@ -320,41 +320,144 @@ def bench_memory(args, device):
                      "in fp32 and halved for bf16 (an estimate); the rest is parameter counts x bytes")
 
 
+def prime_optimizer(optimizer):
+    """Create AdamW's state (step, exp_avg, exp_avg_sq: 8 bytes per trainable parameter, ~6.4 GiB for SD's UNet)
+    without moving a weight: one step on zero gradients at learning rate 0. A real run creates it at its first
+    optimizer step and holds it from then on, so a check that measures before that step under-reports the peak."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0  # AdamW: p -= lr * (wd * p + m_hat / (sqrt(v_hat) + eps)) = p exactly
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def recompute_old_log_probs(traj, policy, args):
+    """The fallback when the ratio is not 1 before any update: score the sampled steps again, with no grad, at the
+    training micro-batch's shape (bf16 kernels may round differently at another batch shape), and use those as the
+    old log-probs. Costs one guided forward per trained timestep, about a fifth of the TRAIN phase."""
+    B, T = traj["log_probs"].shape
+    b = args.train_batch_size
+    with torch.no_grad():
+        for i in range(0, B, b):
+            for j in range(T - 1):  # the last step is never trained
+                latents, timesteps = traj["latents"][i:i + b, j], traj["timesteps"][i:i + b, j]
+                with policy.autocast():
+                    eps = sd.guided_eps(policy.unet, latents, timesteps, traj["prompt_embeds"][i:i + b],
+                                        policy.negative_embeds, args.guidance_scale)
+                traj["log_probs"][i:i + b, j] = sd.ddim_step_with_logprob(
+                    policy.scheduler, eps, timesteps, latents, args.eta, traj["next_latents"][i:i + b, j]).log_prob
+
+
+def checked_update(record, recompute=False):
+    """grpo_step with the check's instruments: AdamW's state created first (prime_optimizer), what the step holds
+    recorded in `record`, and optionally the old log-probs recomputed at the training shape."""
+    def update(traj, rewards, policy, args, gen):
+        say("sampled, decoded and rewarded; training")
+        prime_optimizer(policy.optimizer)
+        record.update(trajectories_held=traj["log_probs"].shape[0],
+                      optimizer_state_before_step=len(policy.optimizer.state) == len(policy.params),
+                      optimizer_state_gib=sum(t.numel() * t.element_size() for s in policy.optimizer.state.values()
+                                              for t in s.values() if torch.is_tensor(t)) / GIB)
+        if recompute:
+            recompute_old_log_probs(traj, policy, args)
+        return sd.grpo_step(traj, rewards, policy, args, gen)
+    update.metrics = sd.grpo_step.metrics
+    return update
+
+
+def check_step(models, full, device, settings, recompute=False):
+    """One step through train() in a temporary run folder (deleted after) -> (metrics row, what the step held)."""
+    record = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = (["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", str(CLIP_RANGE)] if not full
+                else []) + settings + ["--steps", "1", "--device", device.type, "--save-every", "1000",
+                                       "--sample-every", "1000", "--output-dir", tmp, "--run-name", "gpu-check"]
+        run = sd.train(sd.parse_args(argv), models=models, update=checked_update(record, recompute))
+        row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    return row, record
+
+
+CLIP_RANGE = 1e-4  # the release's; check_step passes it to --tiny too
+
+
+def ratio_checks(row, clip_range, label=""):
+    """The figures a step logs before any update: the ratio is 1, so approx_kl, clipfrac and KL are ~0."""
+    return [(f"{label}approx_kl before any update < 1e-6", row["approx_kl"] < 1e-6, row["approx_kl"]),
+            (f"{label}clipfrac before any update < 0.01 (clip range {clip_range})", row["clipfrac"] < 0.01,
+             row["clipfrac"]),
+            (f"{label}KL to the reference before any update < 1e-6", row["kl"] < 1e-6, row["kl"])]
+
+
 def gpu_check(args, device):
-    """The acceptance check for the first GPU this project meets: one real step of the default config (full UNet,
-    bf16 autocast, KL on, checkpointing, 512 px, 50 DDIM steps, lr 1e-5, clip 1e-4) on the real SD 1.x / ViT-H-14
-    architectures with random weights, through train() itself. 8 trajectories are sampled in one batch of 8 and
-    trained in micro-batches of 2 (another batch shape: bf16 kernels may differ between shapes), accumulated into
-    ONE optimizer step at the end of the step, so every logged figure is measured before any update."""
+    """The acceptance check for the first GPU this project meets: one real step of the default config's shape (full
+    UNet, bf16 autocast, KL on, checkpointing, 512 px, 50 DDIM steps, lr 1e-5, clip 1e-4; 4 prompts x 16 = 64
+    trajectories held, sampled in batches of 8, trained in micro-batches of 2) on the real SD 1.x / ViT-H-14
+    architectures with random weights, through train() itself.
+
+    Memory: AdamW's state is created before the step (prime_optimizer), and the step holds the default's 64
+    trajectories, so the peak is the one a default run reaches from its second optimizer step on. The gradients
+    are accumulated into ONE optimizer step at the end (32 micro-batches instead of 2 x 16: the same tensors alive),
+    so every logged figure is measured before any update. If the ratio is not 1 there (micro-batches of 2 are
+    another batch shape than sampling's 8, and bf16 kernels may round differently), two 8-trajectory steps tell
+    why: a same-shape control (trained in one micro-batch of 8) and the fallback (old log-probs recomputed at the
+    training shape)."""
     full = not args.tiny
-    settings = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8", "--train-batch-size", "2",
-                "--gradient-accumulation-steps", "4", "--steps", "1", "--device", device.type, "--save-every", "1000",
-                "--sample-every", "1000", "--output-dir", tempfile.mkdtemp(), "--run-name", "gpu-check"]
-    targs = sd.parse_args((["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", "1e-4"]
-                           if not full else []) + settings)
+    if full and device.type != "cuda":
+        raise sd.UsageError("--gpu-check measures a real-size step on a CUDA GPU (on the CPU it would take hours and "
+                            "20+ GiB of RAM); pass --tiny to check the mechanics on the CPU")
     models = sd_parts(full)  # random weights in the real architectures (tiny ones with --tiny)
     trained_like(models["unet"], models["vae"], models["text_encoder"], models["reward_model"])
-    t = time.perf_counter()
-    run = sd.train(targs, models=models)
-    seconds = time.perf_counter() - t
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    checks = [("approx_kl before any update < 1e-6 (else recompute old log-probs at the training batch shape)",
-               row["approx_kl"] < 1e-6, row["approx_kl"]),
-              (f"clipfrac before any update < 0.01 (clip range {targs.clip_range})", row["clipfrac"] < 0.01,
-               row["clipfrac"]),
-              ("KL to the reference before any update < 1e-6", row["kl"] < 1e-6, row["kl"]),
-              ("peak memory <= 22 GiB", row["peak_memory_gb"] <= 22, row["peak_memory_gb"])]
-    per_step = row["seconds"] * 64 / 8  # the default step trains 64 trajectories; this one 8
-    result = dict(device=str(device), full_size=full, row=row, seconds_total=seconds,
-                  estimated_seconds_per_default_step=per_step,
-                  checks=[dict(check=c, passed=bool(ok), value=v) for c, ok, v in checks])
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    for c in result["checks"]:
-        print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['value']:.3g}")
-    print(f"INFO  seconds for this 8-trajectory step: {row['seconds']:.1f}; "
-          f"a default 64-trajectory step: ~{per_step:.0f} s")
+    T = 8 if args.tiny else 50  # denoising steps of the check's config (tiny defaults / the default)
+    quick = ["--timestep-fraction", "0.05"] * args.quick
+    trained = max(1, int((T - 1) * 0.05)) if args.quick else T - 1
+    scale = (T - 1) / trained  # the TRAIN time of all T - 1 timesteps
+    default = ["--prompts-per-step", "4", "--group-size", "16", "--sample-batch-size", "8", "--train-batch-size", "2",
+               "--gradient-accumulation-steps", "32"] + quick
+    say(f"models built; one step of the default shape ({trained} of {T - 1} timesteps trained)")
+    row, record = check_step(models, full, device, default)
+    row["seconds_train"] *= scale
+    row["seconds"] = sum(row[k] for k in row if k.startswith("seconds_"))
+    checks = ratio_checks(row, CLIP_RANGE) + [
+        ("peak memory <= 22 GiB (AdamW state and the default's 64 trajectories included)",
+         row["peak_memory_gb"] <= 22, row["peak_memory_gb"])]
+    result = dict(device=str(device), full_size=full, quick=args.quick, row=row, held=record)
+    report_checks(result, checks, args.out)
+    print(f"INFO  one default step ({record['trajectories_held']} trajectories): {row['seconds']:.1f} s"
+          + f" (TRAIN scaled up from {trained} of {T - 1} timesteps)" * args.quick + " ("
+          + ", ".join(f"{k[8:]} {row[k]:.1f}" for k in row if k.startswith("seconds_")) + f"); AdamW state "
+          f"{record['optimizer_state_gib']:.2f} GiB, created before the step: {record['optimizer_state_before_step']}",
+          flush=True)
+    passed = all(ok for _, ok, _ in checks)
+    if not all(ok for _, ok, _ in checks[:2]):  # the ratio is not 1: is it the batch shape, and does recompute fix it?
+        say("the ratio is not 1 before any update: a same-shape control and the recompute fallback (8 trajectories)")
+        small = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8"] + quick
+        same, _ = check_step(models, full, device, small + ["--train-batch-size", "8"])
+        fixed, _ = check_step(models, full, device, small + ["--train-batch-size", "2",
+                                                             "--gradient-accumulation-steps", "4"], recompute=True)
+        checks += ratio_checks(same, CLIP_RANGE, "control, trained at the sampling batch shape: ")
+        checks += ratio_checks(fixed, CLIP_RANGE, "fallback, old log-probs recomputed at the training shape: ")
+        result.update(control_same_shape=same, fallback_recompute=fixed)
+        report_checks(result, checks[4:], args.out)
     print(f"wrote {args.out}" + ("" if full else "  (TINY models: mechanics only, not the GPU figures)"))
-    return all(c["passed"] for c in result["checks"])
+    return passed
+
+
+def report_checks(result, checks, out):
+    """Print PASS / FAIL lines and (re)write the JSON at once, so a later failure cannot lose what was measured."""
+    result.setdefault("checks", []).extend(dict(check=c, passed=bool(ok), value=v) for c, ok, v in checks)
+    Path(out).write_text(json.dumps(result, indent=2))
+    for c, ok, v in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {c}: {v:.3g}", flush=True)
+
+
+def say(what):
+    """A progress line on stderr with the time of day."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
 def machine():
@@ -424,6 +527,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per contender (min/median/max)")
     ap.add_argument("--gpu-check", action="store_true", help="acceptance check of one real-size default step: "
                     "approx_kl, clipfrac and KL before any update, peak memory, seconds; PASS/FAIL lines + JSON")
+    ap.add_argument("--quick", action="store_true", help="with --gpu-check: train 2 of the 49 timesteps of each "
+                    "trajectory (the same peak memory: one micro-batch's graph is alive at a time; TRAIN time x 1/25, "
+                    "extrapolated in the report)")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()
@@ -432,14 +538,14 @@ def main():
         print(json.dumps(memory_case(args.memory_case, args.full_size, device)))
         return
     if args.gpu_check:
-        sys.exit(0 if gpu_check(args, device) else 1)
+        with sd.exit_2_on_usage_error():
+            sys.exit(0 if gpu_check(args, device) else 1)
     # sizes: full-size keeps CPU time bounded (64 px latents are 512 px images)
     res = 512 if args.full_size else 64
     slow = args.full_size and device.type == "cpu"  # one full-size UNet forward+backward takes ~25 s on 2 cores
     args.batch, args.steps, args.warmup = (1, 2, False) if slow else (4, 8, True)
     r = dict(mode="full-size" if args.full_size else "tiny", device=str(device), machine=machine(),
              settings=dict(batch=args.batch, steps=args.steps, resolution=res, repeats=args.repeats))
-    say = lambda what: print(f"[bench {time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)  # noqa: E731
     say("1/5 memory: one micro-step per configuration, each in a fresh process (first, while this one is small)")
     r["memory"] = bench_memory(args, device)
     say("2/5 sampling: ours vs diffusers' pipeline")

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tokenize
 from pathlib import Path
@@ -32,6 +33,7 @@ import eval as ev  # noqa: E402
 import fork_dpo  # noqa: E402
 import safediffusion_r1 as sd  # noqa: E402
 import toy_world as tw  # noqa: E402
+import bench  # noqa: E402
 from bench import trained_like  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -1051,6 +1053,67 @@ def test_prompt_files_skip_blank_lines_and_comments(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("# a comment\n\n  a red car  \n\t\n# another\nan apple\n", encoding="utf-8")
     assert sd.read_lines(f, "prompts") == ["a red car", "an apple"]
+
+
+def test_prime_optimizer_creates_adams_state_without_moving_a_weight():
+    policy, _ = tiny_policy()
+    before = {k: v.clone() for k, v in sd.trainable_state(policy.unet).items()}
+    bench.prime_optimizer(policy.optimizer)
+    assert len(policy.optimizer.state) == len(policy.params)
+    assert all(p.grad is None for p in policy.params)
+    assert all(torch.equal(before[k], v) for k, v in sd.trainable_state(policy.unet).items())
+    assert policy.optimizer.param_groups[0]["lr"] == 2e-3  # the learning rate is given back
+
+
+def gpu_check_args(tmp_path, **kw):
+    return argparse.Namespace(tiny=True, quick=True, out=str(tmp_path / "gpu_check.json"), **kw)
+
+
+def test_gpu_check_memory_includes_the_optimizer_state_and_the_default_steps_trajectories(tmp_path, monkeypatch):
+    """The peak is measured in a step that holds the default's 64 trajectories with AdamW's state already created
+    (a real run holds it from its second optimizer step on); the run folder is deleted; no CUDA and no --tiny: exit 2."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert bench.gpu_check(gpu_check_args(tmp_path), torch.device("cpu"))
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    n_params = sum(p.numel() for p in sd.build_tiny_models()["unet"].parameters())
+    assert result["held"]["trajectories_held"] == 64 and result["held"]["optimizer_state_before_step"]
+    assert result["held"]["optimizer_state_gib"] * 2**30 >= 8 * n_params  # exp_avg + exp_avg_sq in fp32
+    assert [c["passed"] for c in result["checks"]] == [True] * 4 and "control_same_shape" not in result
+    assert list(tmp_path.iterdir()) == [tmp_path / "gpu_check.json"]  # no run folder left behind
+    proc = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--device", "cpu", "--out", str(tmp_path / "x")],
+                          cwd=HERE, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--tiny" in proc.stderr
+
+
+def test_gpu_check_runs_the_same_shape_control_and_the_recompute_fallback_when_the_ratio_is_not_one(tmp_path,
+                                                                                                   monkeypatch):
+    real = bench.ratio_checks
+    calls = []
+
+    def first_fails(row, clip_range, label=""):  # as on the H200: clipfrac 0.078 before any update at clip 1e-4
+        calls.append(label)
+        checks = real(row, clip_range, label)
+        return [(c, False, 0.078) if len(calls) == 1 and "clipfrac" in c else (c, ok, v) for c, ok, v in checks]
+    monkeypatch.setattr(bench, "ratio_checks", first_fails)
+    assert not bench.gpu_check(gpu_check_args(tmp_path), torch.device("cpu"))
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {"control_same_shape", "fallback_recompute"} <= set(result) and len(result["checks"]) == 10
+    assert all(c["passed"] for c in result["checks"][4:])  # on the CPU both are exact
+
+
+def test_recomputed_old_log_probs_make_the_ratio_exactly_one_at_the_training_shape():
+    policy, args = tiny_policy("--num-inference-steps", "4", "--train-batch-size", "2",
+                               "--gradient-accumulation-steps", "4", "--clip-range", "1e-9")
+    m = sd.build_tiny_models(seed=0)
+    embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
+    traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
+                                  num_inference_steps=4, guidance_scale=4.5, resolution=64,
+                                  generator=torch.Generator().manual_seed(0))
+    traj["log_probs"] += 1e-3 * torch.randn(traj["log_probs"].shape)  # stale old log-probs: the ratio is not 1
+    bench.recompute_old_log_probs(traj, policy, args)
+    policy.optimizer = torch.optim.SGD(policy.params, lr=0.0)
+    infos, _, _ = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, args, torch.Generator().manual_seed(1))
+    assert max(i["approx_kl"] for i in infos) < 1e-12 and max(i["clipfrac"] for i in infos) == 0
 
 
 def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
