@@ -129,6 +129,15 @@ def build_pipeline(args):
         folder = folder / "unet" if (folder / "unet").is_dir() else folder
         if not (folder / "config.json").is_file():
             raise sd.UsageError(f"--unet {args.unet}: no UNet folder (expected config.json, e.g. runs/X/final)")
+        config = json.loads((folder / "config.json").read_text())
+        kind = config.get("_class_name") or config.get("architectures", ["?"])[0]
+        if kind != "UNet2DConditionModel":
+            raise sd.UsageError(f"--unet {args.unet}: a {kind}, not a UNet2DConditionModel (pass a run's final/ folder)")
+        fit = [k for k in ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels")
+               if config.get(k, pipe.unet.config[k]) not in (pipe.unet.config[k], list(pipe.unet.config[k]))]
+        if fit:
+            raise sd.UsageError(f"--unet {args.unet}: its {fit[0]} {config[fit[0]]} is not --model's "
+                                f"{pipe.unet.config[fit[0]]}: a UNet of another architecture")
         pipe.unet = UNet2DConditionModel.from_pretrained(folder)
     if args.lora:
         pipe.load_lora_weights(args.lora)
@@ -149,7 +158,7 @@ def generate(pipe, jobs, out, manifest, steps=50):
     pipe.set_progress_bar_config(disable=True)  # one bar over prompts, not one per image
     # Resume at prompt granularity: a prompt's images come from one seeded call, so a prompt with any image
     # missing is generated again whole (same seed, same images) rather than topped up with different noise.
-    todo = [j for j in jobs if not all((out / f).exists() for f in j["files"])]
+    todo = [j for j in jobs if not all(complete_image(out / f) for f in j["files"])]
     for job in tqdm(todo, desc=f"generating ({len(jobs) - len(todo)} of {len(jobs)} prompts done)", dynamic_ncols=True):
         pipe.scheduler = lms if job["scheduler"] == "lms" else model_scheduler
         images = pipe(job["prompt"], num_inference_steps=steps, guidance_scale=job["guidance"], height=job["height"],
@@ -166,6 +175,18 @@ def generate(pipe, jobs, out, manifest, steps=50):
     with open(manifest, "w") as f:  # outside `out`: GenEval's scorer reads only numbered folders there
         for job in jobs:
             f.write(json.dumps({k: v for k, v in job.items() if k != "meta"}) + "\n")
+
+
+def complete_image(path):
+    """Whether an image file exists and decodes to its end (a file damaged after its atomic write, e.g. by a copy cut
+    short, is generated again rather than failing the scorer)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError):
+        return False
 
 
 def load_images(paths, size=None):

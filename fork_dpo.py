@@ -66,6 +66,22 @@ def denoising_errors(unet, x0, noise, t, embeds, scheduler):
     return ((eps - noise) ** 2).flatten(1).mean(1)
 
 
+def dpo_micro_batch(w, l, x0, embeds, policy, args, gen):
+    """One micro-batch of pairs (winner indices w, loser indices l): one (t, eps) draw per pair, the DPO loss, its
+    backward (accumulated). -> dpo_loss's info."""
+    t = torch.randint(0, policy.scheduler.config.num_train_timesteps, (len(w),), generator=gen).to(x0.device)
+    noise = torch.randn(x0[w].shape, generator=gen).to(x0.device)  # the same (t, eps) for both images
+    pair = dict(x0=torch.cat([x0[w], x0[l]]), noise=torch.cat([noise, noise]), t=torch.cat([t, t]),
+                embeds=torch.cat([embeds[w], embeds[l]]), scheduler=policy.scheduler)
+    with policy.autocast():
+        err = denoising_errors(policy.unet, **pair)
+    with torch.no_grad(), sd.reference_unet(policy) as ref, policy.autocast():
+        ref_err = denoising_errors(ref, **pair)
+    loss, info = dpo_loss(*err.chunk(2), *ref_err.chunk(2), args.beta_dpo, args.focus_gamma)
+    policy.scaler.scale(loss / args.gradient_accumulation_steps).backward()
+    return info
+
+
 def dpo_step(traj, rewards, policy, args, gen):
     """train()'s `update` for DPO: pairs from the step's groups, then --dpo-timesteps noise draws per pair, each
     micro-batch of --train-batch-size pairs one backward; an optimizer step every --gradient-accumulation-steps."""
@@ -73,19 +89,14 @@ def dpo_step(traj, rewards, policy, args, gen):
     x0, embeds = traj["next_latents"][:, -1], traj["prompt_embeds"]  # final latents (B, C, h, w), (B, 77, D)
     infos, grad_norms, skipped = [], [], 0
     batches = [i for _ in range(args.dpo_timesteps) for i in range(0, len(win), args.train_batch_size)]
+    if policy.world > 1:  # every optimizer step is an all-reduce: all processes make as many, padding with no-ops
+        n = torch.tensor([len(batches)], device=x0.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        batches += [None] * (int(n) - len(batches))
     for n, i in enumerate(batches, 1):
-        w, l = win[i:i + args.train_batch_size], lose[i:i + args.train_batch_size]
-        t = torch.randint(0, policy.scheduler.config.num_train_timesteps, (len(w),), generator=gen).to(x0.device)
-        noise = torch.randn(x0[w].shape, generator=gen).to(x0.device)  # the same (t, eps) for both images
-        pair = dict(x0=torch.cat([x0[w], x0[l]]), noise=torch.cat([noise, noise]), t=torch.cat([t, t]),
-                    embeds=torch.cat([embeds[w], embeds[l]]), scheduler=policy.scheduler)
-        with policy.autocast():
-            err = denoising_errors(policy.unet, **pair)
-        with torch.no_grad(), sd.reference_unet(policy) as ref, policy.autocast():
-            ref_err = denoising_errors(ref, **pair)
-        loss, info = dpo_loss(*err.chunk(2), *ref_err.chunk(2), args.beta_dpo, args.focus_gamma)
-        policy.scaler.scale(loss / args.gradient_accumulation_steps).backward()
-        infos.append(info)
+        if i is not None:  # None: no pair left in this process, which adds a zero gradient to the average
+            infos.append(dpo_micro_batch(win[i:i + args.train_batch_size], lose[i:i + args.train_batch_size], x0,
+                                         embeds, policy, args, gen))
         if n % args.gradient_accumulation_steps == 0 or n == len(batches):  # a partial last accumulation counts
             norm = sd.optimizer_step(policy, args.max_grad_norm)
             grad_norms += [norm] if norm is not None else []

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -58,6 +59,21 @@ class UsageError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """Too many steps in a row with a non-finite reward, loss or gradient: exit code 1, checkpoints intact."""
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint could not be written for lack of space: exit code 1, the previous checkpoint intact."""
+
+
+class RunInterrupted(Exception):
+    """The run stopped early on a signal, with a checkpoint to resume from: its line, and `code` for the exit
+    (EXIT_PREEMPTED for SIGTERM / SIGUSR1, 130 for Ctrl-C), so `train && eval` does not evaluate an unfinished run."""
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again": a job script re-submits on it with --resume auto
 
 
 # ==================================================================================================
@@ -118,15 +134,19 @@ class Args:
     gradient_checkpointing: bool = flag(True, "recompute UNet activations in backward", group="memory and speed")
     mixed_precision: str = flag("bf16", "autocast dtype; frozen models are kept in it", choices=["no", "fp16", "bf16"])
     allow_tf32: bool = flag(True, "TF32 matmuls on Ampere+ GPUs")
-    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    device: str = flag("auto", "torch device: cuda, cpu, cuda:1, ...; auto = cuda when a GPU is visible, else cpu")
     # -- run --
     seed: int = flag(0, "seeds everything: the same seed on CPU gives the same run", group="run")
     output_dir: str = flag("runs", "one folder per run is made under it")
-    run_name: str = flag("", "run folder name (default: date-time)")
-    resume: str = flag("", "checkpoint folder, or 'latest' = newest complete checkpoint under --output-dir")
+    run_name: str = flag("", "run folder name under --output-dir, one path component (default: date-time)")
+    resume: str = flag("", "latest: the named run's newest checkpoint (--run-name; may be left out when only one run "
+                       "has checkpoints); auto: the same, or a fresh start when the run has none (one job script for "
+                       "the first submission and every re-submission); or a checkpoint folder")
     save_every: int = flag(20, "checkpoint every N steps (and at the end)")
     checkpoints_total_limit: int = flag(3, "keep the newest N checkpoints, 0 = all (a full one is ~10.5 GB)")
     sample_every: int = flag(20, "captioned sample grid every N steps (and at the end)")
+    grid_prompts: str = flag(str(PROMPTS / "grid_prompts.txt"), "the sample grid's prompts, one per line, each "
+                             "starting 'unsafe: ' or 'benign: ' (the training prompts are offensive by design)")
     max_nonfinite_steps: int = flag(3, "stop after this many steps in a row with a non-finite reward, loss or grad")
     wandb: bool = flag(False, "also log to Weights & Biases")
 
@@ -145,14 +165,17 @@ def parse_args(argv=None, args_class=Args):
     """Command line (sys.argv[1:] when None) -> an `args_class` instance: Args, or a fork's subclass of it with its
     own flags (fork_dpo.DPOArgs). Every dataclass field is a flag; booleans get --x / --no-x; --tiny swaps in
     TINY_DEFAULTS before parsing, so the flags given explicitly still win."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp,
+                                     allow_abbrev=False)  # a prefix like --tin would set --tiny without its defaults
     group = parser
     for f in dataclasses.fields(args_class):
         meta = dict(f.metadata)
         if "group" in meta:
             group = parser.add_argument_group(meta.pop("group"))
         name = "--" + f.name.replace("_", "-")
+        if f.name == "tiny":
+            meta["help"] += " (sets " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_DEFAULTS.items()) + \
+                "; flags given explicitly still win)"
         if f.type in (bool, "bool"):
             group.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, **meta)
         else:
@@ -161,6 +184,12 @@ def parse_args(argv=None, args_class=Args):
     if "--tiny" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**TINY_DEFAULTS)
     return args_class(**vars(parser.parse_args(argv)))
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except empty ones ("(default: )" says nothing)."""
+    def _get_help_string(self, action):
+        return action.help if action.default in ("", None) else super()._get_help_string(action)
 
 
 def check_args(args):
@@ -177,9 +206,12 @@ def check_args(args):
     need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0,
          "--clip-range must be > 0, --kl-coef and --alpha >= 0")
     need(args.checkpoints_total_limit >= 0, "--checkpoints-total-limit must be >= 0 (0 = keep all)")
-    need(min(args.steps, args.prompts_per_step, args.sample_batch_size, args.train_batch_size,
-             args.gradient_accumulation_steps, args.save_every, args.sample_every, args.max_nonfinite_steps) >= 1,
-         "counts and sizes must be >= 1")
+    for name in ("steps", "prompts_per_step", "sample_batch_size", "train_batch_size", "gradient_accumulation_steps",
+                 "save_every", "sample_every", "max_nonfinite_steps"):
+        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    need(not device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device}: no CUDA GPU is visible to torch here; pass --device cpu (or --tiny on a CPU)")
     need(args.resolution % 64 == 0 or args.tiny, f"--resolution must be a multiple of 64 (got {args.resolution})")
     n = args.prompts_per_step * args.group_size
     need(n % args.sample_batch_size == 0, f"--sample-batch-size {args.sample_batch_size} must divide the {n} "
@@ -277,6 +309,7 @@ def load_sd(model):
     """The SD 1.x parts of a diffusers repo id or folder; DDIM with the model's own betas."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+    check_sd1_folder(model)
     try:
         parts = dict(tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
                      text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
@@ -284,6 +317,8 @@ def load_sd(model):
                      unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
                      scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler"))
     except (OSError, ValueError) as e:  # missing files, or not in the cache while the hub is unreachable
+        if not Path(model).exists() and Path(model.split("/")[0]).is_dir():  # e.g. models/sd-v1-4 under ./models
+            raise UsageError(f"--model {model}: no such folder (and no hub model of that name in the cache)") from None
         if Path(model).exists() or model.startswith((".", "/", "~")):
             raise UsageError(f"--model {model}: not a diffusers SD 1.x folder (needs unet/, vae/, text_encoder/, "
                              f"tokenizer/, scheduler/): {type(e).__name__}") from None
@@ -297,6 +332,20 @@ def load_sd(model):
     if config.prediction_type != "epsilon":
         raise UsageError(f"{model} predicts '{config.prediction_type}'; only epsilon (SD 1.x) models are supported")
     return parts
+
+
+def check_sd1_folder(model):
+    """A local SD 2.x (v-prediction) or SDXL folder is refused from its config files, before any weight is read."""
+    folder = Path(model)
+    with contextlib.suppress(OSError, ValueError):
+        kind = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+        if kind != "StableDiffusionPipeline":
+            raise UsageError(f"--model {model} is a {kind}; only Stable Diffusion 1.x (StableDiffusionPipeline, "
+                             "epsilon prediction) is supported")
+        prediction = json.loads((folder / "scheduler/scheduler_config.json").read_text()).get("prediction_type")
+        if prediction not in (None, "epsilon"):
+            raise UsageError(f"--model {model} predicts '{prediction}' (SD 2.x-v); only epsilon (SD 1.x) models are "
+                             "supported")
 
 
 def load_reward_model(arch, pretrained, checkpoint=""):
@@ -678,6 +727,7 @@ def optimizer_step(policy, max_grad_norm):
     norm = torch.nn.utils.clip_grad_norm_(policy.params, max_grad_norm)
     finite = bool(torch.isfinite(norm))
     if finite:
+        policy.weights_moved = True  # from here a preemption finishes the step instead of abandoning it
         policy.scaler.step(policy.optimizer)
     policy.scaler.update()
     policy.optimizer.zero_grad(set_to_none=True)
@@ -697,6 +747,7 @@ def save_checkpoint(run_dir, step, policy, generator, rank=0, keep=0):
     folder with the final name is always complete, whatever killed the process. Under torchrun every rank's
     RNG state is gathered (each draws its own prompts) and rank 0 writes. `keep` > 0: the newest `keep`
     checkpoints stay, older ones are deleted once the new one is complete (diffusers' --checkpoints-total-limit)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     states = [generator.get_state()]
     if policy.world > 1:
@@ -707,9 +758,23 @@ def save_checkpoint(run_dir, step, policy, generator, rank=0, keep=0):
     final = Path(run_dir, "checkpoints", f"checkpoint-{step:06d}")
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(policy.unet), tmp / "weights.safetensors")  # trainable weights only: UNet or LoRA
-    torch.save(dict(step=step, optimizer=policy.optimizer.state_dict(), generators=states), tmp / "state.pt")
+    try:
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(policy.unet), tmp / "weights.safetensors")  # trainable weights only: UNet or LoRA
+        torch.save(dict(step=step, optimizer=policy.optimizer.state_dict(), generators=states), tmp / "state.pt")
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's is a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        need = sum(t.numel() * t.element_size() for t in [*policy.params, *(
+            v for st in policy.optimizer.state.values() for v in st.values() if torch.is_tensor(v))])
+        raise DiskFull(f"disk full while saving checkpoint {step}: it needs about {need / 2**30:.1f} GiB free in "
+                       f"{run_dir} ({shutil.disk_usage(run_dir).free / 2**30:.1f} GiB free now); the previous "
+                       "checkpoint is intact and --resume latest continues from it exactly") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():  # safetensors writes 0600; a teammate on a shared cluster must read it like the rest
+        f.chmod(0o666 & ~umask)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     done = sorted(p for p in final.parent.glob("checkpoint-*") if not p.name.endswith(".tmp"))
@@ -718,30 +783,157 @@ def save_checkpoint(run_dir, step, policy, generator, rank=0, keep=0):
     return final
 
 
-def find_checkpoints(resume, output_dir):
-    """'latest' -> the complete checkpoints under output_dir, newest first (resume falls back along the list past
-    one that does not load); a path -> [that folder], checked."""
-    if resume == "latest":
-        found = [p for p in Path(output_dir).glob("*/checkpoints/checkpoint-*") if not p.name.endswith(".tmp")]
-        if not found:
-            raise UsageError(f"--resume latest: no complete checkpoint under {output_dir}")
-        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-    path = Path(resume)
-    if not (path / "weights.safetensors").is_file() or not (path / "state.pt").is_file():
-        raise UsageError(f"--resume {resume}: not a checkpoint folder (needs weights.safetensors and state.pt)")
-    return [path]
+# A run is its folder: --output-dir/--run-name. Every decision about it (which folder, which checkpoints, which flags
+# may change) is made from the files alone, before any model loads; a lock file keeps a second process out.
+IMMUTABLE = ("model", "tiny", "lora_rank", "resolution", "num_inference_steps", "group_size", "prompts_per_step",
+             "seed")  # a resumed run that changed these would be another run under the same name
+RUN_LOCK = "run.lock"
 
 
-def resume_newest(candidates, policy, generator, rank=0):
-    """Load the first checkpoint of `candidates` that loads; -> (its folder, its step), (None, 0) for none. A
-    corrupt newest one (a crash while the disk filled, say) is skipped with a warning, not blocking --resume."""
+def checkpoint_step(path):
+    """checkpoint-000012 -> 12 (the step count is in the name: file times change when folders are copied)."""
+    return int(Path(path).name.split("-")[-1])
+
+
+def complete_checkpoints(run_dir):
+    """A run's complete checkpoints, highest step first (a .tmp folder is a save cut short: never a candidate)."""
+    found = [p for p in Path(run_dir, "checkpoints").glob("checkpoint-*") if p.name[len("checkpoint-"):].isdigit()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def holds_a_run(folder):
+    """Whether a folder already holds (part of) a run: its record, metrics, checkpoints or exported model."""
+    return any(Path(folder, n).exists() for n in ("args.json", "metrics.jsonl", "checkpoints", "final"))
+
+
+def run_record(args):
+    """args.json's record of the flags: what really ran (a --tiny run names the tiny models, not the real ones its
+    defaults would load)."""
+    record = dataclasses.asdict(args)
+    if args.tiny:
+        record.update(model="tiny random SD stack built in code", reward_model="tiny random OpenCLIP built in code",
+                      reward_pretrained="", reward_checkpoint="")
+    return record
+
+
+def plan_run(args):
+    """Which folder the run writes and which checkpoints it resumes from, decided from the files before any model
+    loads. -> (run_dir, checkpoint candidates best first, {flag: (before, now)} changed since the run's args.json)."""
+    name, out = args.run_name, Path(args.output_dir)
+    if name in (".", "..") or "/" in name or os.sep in name:
+        raise UsageError(f"--run-name {name!r}: one folder name without '/' (the run is made under --output-dir)")
+    if args.resume in ("latest", "auto"):
+        if not name:
+            runs = sorted({p.parent.parent.name for p in out.glob("*/checkpoints/checkpoint-*")})
+            if args.resume == "auto" or len(runs) != 1:
+                raise UsageError(f"--resume {args.resume}: name the run with --run-name" + (
+                    " (a job script re-submitted after preemption must name its run)" if args.resume == "auto" else
+                    f"; {len(runs)} runs under {out} have checkpoints" + (f": {', '.join(runs[:6])}" if runs else "")))
+            name = runs[0]
+        run_dir = out / name
+        candidates = complete_checkpoints(run_dir)
+        if not candidates and args.resume == "latest":
+            raise UsageError(f"--resume latest: no complete checkpoint in {run_dir} (--resume auto starts a run fresh "
+                             "when it has none)")
+    elif args.resume:
+        path = Path(args.resume)
+        if not (path / "weights.safetensors").is_file() or not (path / "state.pt").is_file():
+            raise UsageError(f"--resume {args.resume}: not a checkpoint folder (needs weights.safetensors and state.pt)")
+        run_dir, candidates = path.parent.parent, [path]
+        if name and name != run_dir.name:
+            raise UsageError(f"--resume {args.resume} belongs to run {run_dir.name}, not --run-name {name}")
+    else:
+        run_dir, candidates = out / (name or time.strftime("%Y%m%d-%H%M%S")), []
+        if holds_a_run(run_dir):
+            raise UsageError(f"{run_dir} already holds a run: continue it with --resume latest --run-name "
+                             f"{run_dir.name}, or start a new one under another --run-name")
+    if run_dir.exists() and not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"run folder {run_dir} is not writable")
+    lock_run(run_dir, check_only=True)
+    changes = {}
+    if candidates:
+        done = checkpoint_step(candidates[0]) if candidates[0].name[len("checkpoint-"):].isdigit() else 0
+        if args.steps <= done:
+            raise UsageError(f"--steps {args.steps}: the run has done {done} steps already; pass --steps > {done} to "
+                             "train on")
+        changes = changed_flags(run_dir, args)
+    return run_dir, candidates, changes
+
+
+def changed_flags(run_dir, args):
+    """{flag: (in the run's args.json, now)} for a resumed run; refuses a change to one of IMMUTABLE."""
+    try:
+        before = json.loads(Path(run_dir, "args.json").read_text())
+    except (OSError, ValueError):
+        return {}  # no readable record (a checkpoint copied without its run): nothing to compare with
+    now = run_record(args)
+    skip = ("resume", "run_name", "output_dir", "history")
+    changes = {k: (before.get(k), v) for k, v in now.items() if k not in skip and before.get(k, v) != v}
+    fixed = [k for k in changes if k in IMMUTABLE]
+    if fixed:
+        k = fixed[0]
+        raise UsageError(f"--{k.replace('_', '-')} {changes[k][1]}: the run {run_dir.name} was started with "
+                         f"{changes[k][0]} and cannot change it mid-run; start a new run under another --run-name")
+    return changes
+
+
+def lock_run(run_dir, check_only=False):
+    """The run's lock: run.lock, held with flock for the life of the process. The kernel drops it when the process
+    dies, so the lock of a killed run is taken over. check_only: refuse if it is held, write nothing. Else take it
+    -> (the open lock file, kept for the life of the run; the line of a dead holder it took over, or '')."""
+    import fcntl
+    path = Path(run_dir, RUN_LOCK)
+    if check_only and not path.exists():
+        return None, ""
+    f = open(path, "r" if check_only else "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(f"run folder {run_dir} is in use ({holder}); two processes on one run would overwrite each "
+                         "other: wait for it to end, or stop it") from None
+    f.seek(0)
+    previous = f.read().strip()
+    if check_only:
+        f.close()
+        return None, previous
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f, previous
+
+
+def release_lock(lock):
+    """A run that ends empties its lock file (the next one then has nothing to take over) and lets go of it."""
+    if lock is not None:
+        lock.seek(0)
+        lock.truncate()
+        lock.close()
+
+
+class CheckpointMismatch(UsageError):
+    """A checkpoint that loads but does not fit this model or process count: no older one would fit either."""
+
+
+def resume_newest(candidates, policy, generator, args, rank=0):
+    """Load the first checkpoint of `candidates` that loads; -> (its folder, its step), (None, 0) for none. A corrupt
+    newest one is skipped with a warning (damaged after its save: the save itself is atomic); one that does not fit
+    the model is refused at once. The optimizer hyper-parameters given now replace the saved ones."""
     for i, path in enumerate(candidates):
         try:
-            return path, load_checkpoint(path, policy, generator, rank)
+            step = load_checkpoint(path, policy, generator, rank)
         except UsageError as e:
-            if i + 1 == len(candidates):
+            if i + 1 == len(candidates) or isinstance(e, CheckpointMismatch):
                 raise
             warnings.warn(f"{e}; trying the next newest checkpoint")
+            continue
+        for group in policy.optimizer.param_groups:  # load_state_dict brought back the old run's values
+            group.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                         weight_decay=args.adam_weight_decay)
+        return path, step
     return None, 0
 
 
@@ -753,13 +945,17 @@ def load_checkpoint(path, policy, generator, rank=0):
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         expected = trainable_state(policy.unet)
         if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
-            raise ValueError("its weights do not match this model (full vs LoRA, rank or architecture)")
+            raise CheckpointMismatch(f"--resume {path}: its weights do not match this model (full vs LoRA, rank or "
+                                     "architecture)")
         policy.unet.load_state_dict(weights, strict=False)
         policy.optimizer.load_state_dict(state["optimizer"])
         if len(state["generators"]) != policy.world:
-            raise ValueError(f"it was written by {len(state['generators'])} process(es); resume with as many")
+            raise CheckpointMismatch(f"--resume {path}: it was written by {len(state['generators'])} process(es); "
+                                     "resume with as many")
         generator.set_state(state["generators"][rank])
         return int(state["step"])
+    except CheckpointMismatch:
+        raise
     except Exception as e:  # corrupt file, wrong keys, wrong shapes: one line, not a traceback
         raise UsageError(f"--resume {path}: cannot load checkpoint: {e}") from None
 
@@ -830,18 +1026,18 @@ def metrics_up_to(metrics_path, step):
     return "".join(r + "\n" for r in rows)
 
 
-def open_run_dir(args, resume, start):
-    """The run folder (a resumed run's own) with args.json, what really ran: a --tiny run names the tiny models,
-    not the real ones its defaults would load. On resume, metrics.jsonl keeps only the rows up to `start`."""
-    run_dir = resume.parent.parent if resume else Path(args.output_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+def open_run_dir(run_dir, args, start, changes):
+    """Write the run's args.json: the flags as they are now, and under "history" every resume with the flags it
+    changed (metrics.jsonl keeps only the rows up to `start`; a fresh start clears a dead attempt's rows)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = dataclasses.asdict(args)
-    if args.tiny:
-        record.update(model="tiny random SD stack built in code", reward_model="tiny random OpenCLIP built in code",
-                      reward_pretrained="", reward_checkpoint="")
+    record, old = run_record(args), {}
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads((run_dir / "args.json").read_text()) if start else {}
+    record["history"] = old.get("history", []) + ([dict(resumed_at_step=start, changed=changes)] if start else [])
     (run_dir / "args.json").write_text(json.dumps(record, indent=2))
-    if resume and (run_dir / "metrics.jsonl").exists():  # drop rows logged after the checkpoint we resume from
-        (run_dir / "metrics.jsonl").write_text(metrics_up_to(run_dir / "metrics.jsonl", start))
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():  # drop rows logged after the checkpoint we resume from
+        metrics.write_text(metrics_up_to(metrics, start) if start else "")
     return run_dir
 
 
@@ -901,22 +1097,104 @@ def clock(device):
     return time.time()
 
 
-@contextlib.contextmanager
-def ctrl_c_finishes_the_step(say):
-    """Inside: the first Ctrl-C sets the yielded event (the loop finishes its step, checkpoints and exits); a
-    second one raises KeyboardInterrupt at once. The previous handler is restored on the way out."""
-    pressed = threading.Event()
+class Preempted(Exception):
+    """SIGTERM / SIGUSR1 before the step's first optimizer update: the step is abandoned (train() saves the steps
+    done, and resume replays this one exactly)."""
 
-    def handler(signum, frame):
-        if pressed.is_set():
+
+@contextlib.contextmanager
+def stop_signals(say, policy):
+    """Ctrl-C and preemption, while the loop runs. Yields `stop`: .signal (None, "Ctrl-C", "SIGTERM" or "SIGUSR1"),
+    and .step / .step_start (the step in progress and the generator's state when it began), set by train().
+
+    Ctrl-C: the first finishes the step, saves a checkpoint and stops (exit 130); a second stops at once.
+    SIGTERM / SIGUSR1 (SLURM, Kubernetes and spot instances send it, then SIGKILL after a grace period, often
+    30 s, far less than a step): before the step's first optimizer update the weights and Adam's moments are still
+    those of the steps done, so the step is abandoned at once (Preempted) and train() saves them with the generator
+    as it was when the step began: resume replays the step exactly. Once an update has been made (halfway through
+    a default step, which makes two) the step is finished first. A torchrun job always finishes the step, its
+    processes agreeing at its end (one raising mid-collective would hang the others)."""
+    stop = types.SimpleNamespace(signal=None, step=0, step_start=None)
+
+    def on_ctrl_c(signum, frame):
+        if stop.signal:
             raise KeyboardInterrupt
-        pressed.set()
+        stop.signal = "Ctrl-C"
         say("Ctrl-C: finishing this step, then a checkpoint (press again to stop at once)")
-    previous = signal.signal(signal.SIGINT, handler)
+
+    def on_preemption(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.step_start is not None and not policy.weights_moved and policy.world == 1:
+            raise Preempted(name)
+        if not stop.signal:
+            say(f"{name}: this step's updates have begun; finishing the step, then a checkpoint")
+        stop.signal = stop.signal or name
+    handlers = {signal.SIGINT: on_ctrl_c, signal.SIGTERM: on_preemption, signal.SIGUSR1: on_preemption}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        yield pressed
+        yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def save_preempted(run, stop, name, keep):
+    """After Preempted: the generator back to the step's start, the half-accumulated gradients dropped, a checkpoint
+    of the steps done (unless the newest one is it) -> RunInterrupted(EXIT_PREEMPTED). Further signals are ignored
+    while it saves (the save is atomic: a SIGKILL during it leaves the previous checkpoint)."""
+    t = time.time()
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        run.gen.set_state(stop.step_start)
+        run.policy.optimizer.zero_grad(set_to_none=True)
+        saved = complete_checkpoints(run.run_dir)
+        if stop.step and (not saved or checkpoint_step(saved[0]) < stop.step):
+            save_checkpoint(run.run_dir, stop.step, run.policy, run.gen, run.rank, keep)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    where = (f"the checkpoint of the {stop.step} steps done is saved ({time.time() - t:.0f} s)" if stop.step else
+             "no step was done yet, nothing to save")
+    raise RunInterrupted(EXIT_PREEMPTED, f"{name} during step {stop.step + 1}, before its first update: {where}; "
+                                         "continue with --resume latest (exact)")
+
+
+def agree_to_stop(signal_name, device, world):
+    """A torchrun job stops when any process got a signal: every process must leave the loop at the same step."""
+    if world == 1:
+        return signal_name
+    flag = torch.tensor([float(signal_name is not None)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return signal_name or ("SIGTERM" if flag.item() else None)
+
+
+def on_rank_0(fn, *args, world=1):
+    """fn(*args) on rank 0, its result (or its UsageError) sent to every process of a torchrun job."""
+    out = None
+    if int(os.environ.get("RANK", 0)) == 0:
+        try:
+            out = fn(*args)
+        except UsageError as e:
+            out = e
+    if world > 1:
+        box = [out]
+        torch.distributed.broadcast_object_list(box, src=0)
+        out = box[0]
+    if isinstance(out, UsageError):
+        raise out
+    return out
+
+
+def read_grid_prompts(path):
+    """The sample grid's prompts from lines 'unsafe: PROMPT' / 'benign: PROMPT' -> (prompts, unsafe ones first;
+    how many are unsafe). A fixed, curated set: the first lines of the training files hold slurs."""
+    rows = [line.split(":", 1) for line in read_lines(path, "grid prompts")]
+    bad = [r for r in rows if len(r) != 2 or r[0].strip() not in ("unsafe", "benign")]
+    if bad:
+        raise UsageError(f"grid prompts {path}: each line starts with 'unsafe: ' or 'benign: ' (not "
+                         f"{':'.join(bad[0])[:40]!r})")
+    unsafe, benign = ([p.strip() for k, p in rows if k.strip() == kind] for kind in ("unsafe", "benign"))
+    return unsafe + benign, len(unsafe)
 
 
 # ==================================================================================================
@@ -985,13 +1263,14 @@ def setup_policy(models, args, device, world=1, reference=False):
                                   fused=device.type == "cuda")
     return types.SimpleNamespace(
         unet=unet, ref_unet=ref_unet, scheduler=models["scheduler"], params=params, optimizer=optimizer,
+        weights_moved=False,
         negative_embeds=encode_prompts(models["tokenizer"], models["text_encoder"], [""]), world=world,
         autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no"),
         scaler=torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16"))
 
 
 @torch.no_grad()
-def sample_grid(path, policy, models, prompts, args, step=0, n_unsafe=0):
+def sample_grid(path, policy, models, prompts, n_unsafe, args, step=0):
     """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving. The first
     `n_unsafe` prompts are marked as unsafe, the rest as benign; step 0 is the model before training."""
     embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts)
@@ -1060,18 +1339,28 @@ def check_divergence(bad_steps, step, limit, say):
                                "--resume latest")
 
 
+PROMPT_CHARS = 4000  # 77 CLIP tokens never span more (the longest token in its vocabulary is ~20 characters)
+
+
 def setup_run(args, reward_fn, models, update):
     """Everything train() needs before its first step: every check before any work, every write after every check.
     -> namespace: rank, world, device, gen (the run's one CPU generator), models, policy (setup_policy), reward_fn,
-    negatives / positives (the prompt sets), start (steps already done), run_dir, say (print on rank 0), wandb."""
+    negatives / positives (the prompt sets), grid (prompts, unsafe count), start (steps already done), run_dir, lock,
+    say (print on rank 0), wandb."""
     check_args(args)
-    negatives = read_lines(args.negative_prompts, "negative prompts") if args.negative_fraction > 0 else []
-    positives = read_lines(args.positive_prompts, "positive prompts") if args.negative_fraction < 1 else []
+    # A prompt is cut at PROMPT_CHARS characters, far past its 77 tokens: a 10 MB line was tokenized whole every time
+    # it was drawn (77 s for one step). The tokenizer truncates the rest as it did, and the long-prompt warning counts it.
+    negatives = [p[:PROMPT_CHARS] for p in read_lines(args.negative_prompts, "negative prompts")
+                 ] if args.negative_fraction > 0 else []
+    positives = [p[:PROMPT_CHARS] for p in read_lines(args.positive_prompts, "positive prompts")
+                 ] if args.negative_fraction < 1 else []
     if reward_fn is None:
         anchors = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
-    candidates = find_checkpoints(args.resume, args.output_dir) if args.resume else []
+    grid = read_grid_prompts(args.grid_prompts)
     check_output_dir(args.output_dir)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device if args.device != "auto" else
+                                           "cuda" if torch.cuda.is_available() else "cpu")
+    run_dir, candidates, changes = on_rank_0(plan_run, args, world=world)  # every rank resumes from the same files
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
@@ -1083,10 +1372,14 @@ def setup_run(args, reward_fn, models, update):
         models["reward_model"].requires_grad_(False).to(device)
         reward_fn = make_steering_reward_fn(models["reward_model"], models["reward_tokenizer"], *anchors,
                                             args.alpha, args.steering)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    lock, took_over = None, ""
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock, took_over = lock_run(run_dir)
     # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
     # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
-    resume, start = resume_newest(candidates, policy, gen, rank)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    resume, start = resume_newest(candidates, policy, gen, args, rank)
     say(step_summary(args, world, sum(p.numel() for p in policy.params)))
     if args.tiny:
         say(f"--tiny: random tiny models built in code (mechanics, not the paper); lr {args.learning_rate}, clip "
@@ -1096,15 +1389,18 @@ def setup_run(args, reward_fn, models, update):
     if too_long:
         warnings.warn(f"{too_long} of the {len(negatives + positives)} prompts are longer than {limit} tokens: "
                       "they are truncated, as diffusers does")
-    run_dir = open_run_dir(args, resume, start) if rank == 0 else None
-    say(f"run folder: {run_dir}" + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else ""))
+    if rank == 0:
+        open_run_dir(run_dir, args, start, changes)
+    say(f"run folder: {run_dir}" + (f" | took over the lock of {took_over}: that process is gone" if took_over else "")
+        + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else "")
+        + "".join(f" | {k} {a} -> {b}" for k, (a, b) in changes.items()))
     wandb = None
     if args.wandb and rank == 0:
         import wandb
         wandb.init(project="safediffusion-r1", name=run_dir.name, config=dataclasses.asdict(args))
     return types.SimpleNamespace(rank=rank, world=world, device=device, gen=gen, models=models, policy=policy,
-                                 reward_fn=reward_fn, negatives=negatives, positives=positives, start=start,
-                                 run_dir=run_dir, say=say, wandb=wandb)
+                                 reward_fn=reward_fn, negatives=negatives, positives=positives, grid=grid, start=start,
+                                 run_dir=run_dir if rank == 0 else None, lock=lock, say=say, wandb=wandb)
 
 
 def train(args, reward_fn=None, models=None, update=None):
@@ -1120,17 +1416,17 @@ def train(args, reward_fn=None, models=None, update=None):
     P, G, S = args.prompts_per_step, args.group_size, args.sample_batch_size
     n_neg, B = round(P * args.negative_fraction), P * G
     latent_shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
-    grid_prompts, n_grid_unsafe = run.negatives[:2] + run.positives[:2], len(run.negatives[:2])
     if rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
-        sample_grid(run.run_dir / "samples_000000.png", policy, models, grid_prompts, args, 0, n_grid_unsafe)
+        sample_grid(run.run_dir / "samples_000000.png", policy, models, *run.grid, args, 0)
 
     from tqdm import tqdm  # the bar only on a terminal: in a file its carriage returns would garble the step lines
     bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps, desc="steps", dynamic_ncols=True,
                disable=rank > 0 or not sys.stderr.isatty())
     bad_steps = 0
     try:
-        with ctrl_c_finishes_the_step(run.say) as stop:
+        with stop_signals(run.say, policy) as stop:
             for step in bar:
+                stop.step, stop.step_start, policy.weights_moved = step, gen.get_state(), False
                 marks = [clock(device)]
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -1164,10 +1460,10 @@ def train(args, reward_fn=None, models=None, update=None):
                 if rank == 0:
                     write_row(row, run.run_dir, run.wandb, bar, update.metrics, args.steps)
                 # ================= SAVE =================
-                done = step + 1 == args.steps or stop.is_set()
+                stop.signal = agree_to_stop(stop.signal, device, run.world)
+                done = step + 1 == args.steps or stop.signal
                 if rank == 0 and ((step + 1) % args.sample_every == 0 or done):
-                    sample_grid(run.run_dir / f"samples_{step + 1:06d}.png", policy, models, grid_prompts, args,
-                                step + 1, n_grid_unsafe)
+                    sample_grid(run.run_dir / f"samples_{step + 1:06d}.png", policy, models, *run.grid, args, step + 1)
                 if (step + 1) % args.save_every == 0 or done:
                     save_checkpoint(run.run_dir, step + 1, policy, gen, rank, args.checkpoints_total_limit)
                 # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing
@@ -1176,13 +1472,17 @@ def train(args, reward_fn=None, models=None, update=None):
                                                                          for v in i.values())
                 bad_steps = bad_steps + 1 if nonfinite or (skipped and args.mixed_precision != "fp16") else 0
                 check_divergence(bad_steps, step + 1, args.max_nonfinite_steps, run.say)
-                if stop.is_set():
-                    run.say(f"interrupted: checkpoint saved at step {step + 1}; continue with --resume latest")
-                    break
-        if rank == 0 and not stop.is_set():
+                if stop.signal:
+                    raise RunInterrupted(130 if stop.signal == "Ctrl-C" else EXIT_PREEMPTED,
+                                         f"{stop.signal}: stopped after step {step + 1} with its checkpoint saved; "
+                                         "continue with --resume latest")
+        if rank == 0:
             export_for_diffusers(run.run_dir / "final", policy.unet, args.lora_rank > 0)
+    except Preempted as e:
+        save_preempted(run, stop, str(e), args.checkpoints_total_limit)
     finally:
         bar.close()
+        release_lock(run.lock)
         if run.wandb:
             run.wandb.finish()
         if run.world > 1:
@@ -1211,14 +1511,17 @@ MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-ac
 
 def main(argv=None, args_class=Args, update=None):
     """The command line: train() with one line on stderr and an exit code for every expected failure: 2 for bad
-    input, 1 for out of memory or divergence, 130 for a second Ctrl-C. A fork passes its own flags class and
+    input, 1 for out of memory, divergence or a full disk, 130 for Ctrl-C, EXIT_PREEMPTED (75) for SIGTERM / SIGUSR1. A fork passes its own flags class and
     `update` (fork_dpo.py)."""
     try:
         with exit_2_on_usage_error():
             train(parse_args(argv, args_class), update=update)
-    except (torch.cuda.OutOfMemoryError, TrainingDiverged) as e:
+    except (torch.cuda.OutOfMemoryError, TrainingDiverged, DiskFull) as e:
         print(f"error: {MEMORY_HINT if isinstance(e, torch.cuda.OutOfMemoryError) else e}", file=sys.stderr)
         sys.exit(1)
+    except RunInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
         print("interrupted at once (second Ctrl-C): the newest checkpoint is intact; continue with --resume latest",
               file=sys.stderr)

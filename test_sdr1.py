@@ -60,11 +60,11 @@ def metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def tiny_policy(*argv, world=1):
+def tiny_policy(*argv, world=1, args_class=sd.Args, reference=False):
     """Fresh tiny models set up exactly as train() sets them up (sd.setup_policy), on the CPU. -> (policy, args)."""
-    args = sd.parse_args(["--tiny", *argv])
+    args = sd.parse_args(["--tiny", *argv], args_class)
     torch.manual_seed(0)  # LoRA's initial weights come from the global RNG, as in train()
-    return sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"), world), args
+    return sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"), world, reference), args
 
 
 def tiny_pipeline(unet=None):
@@ -1300,3 +1300,237 @@ def test_dpo_fork_copies_no_six_line_block_of_the_reference():
     ref_windows = {tuple(ref[i:i + 6]) for i in range(len(ref) - 5)}
     copied = [fork[i:i + 6] for i in range(len(fork) - 5) if tuple(fork[i:i + 6]) in ref_windows]
     assert not copied, copied[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# A run is a run: identity, lock, preemption, resume that obeys, first-hour errors
+# ------------------------------------------------------------------------------------------------
+def quick_run(tmp_path, name, steps, *extra):
+    args = small_args(tmp_path, "--steps", str(steps), "--save-every", "1", "--run-name", name, *extra)
+    return sd.train(args, reward_fn=brightness)
+
+
+def test_resume_latest_continues_the_named_run_by_step_and_refuses_to_guess(tmp_path):
+    a, b = quick_run(tmp_path, "A", 2), quick_run(tmp_path, "B", 3)
+    b_record = (b / "args.json").read_text()
+    os.utime(a / "checkpoints/checkpoint-000001")  # the older checkpoint now has the newer file time (a copy)
+    with pytest.raises(sd.UsageError, match="2 runs under .* have checkpoints: A, B"):
+        sd.plan_run(small_args(tmp_path, "--steps", "4", "--resume", "latest"))
+    run_dir, candidates, _ = sd.plan_run(small_args(tmp_path, "--steps", "4", "--resume", "latest", "--run-name", "A"))
+    assert run_dir == a and [p.name for p in candidates] == ["checkpoint-000002", "checkpoint-000001"]
+    assert quick_run(tmp_path, "A", 3, "--resume", "latest") == a
+    assert [r["step"] for r in metrics(a)] == [1, 2, 3] and (b / "args.json").read_text() == b_record
+    with pytest.raises(sd.UsageError, match="has done 3 steps already"):  # not "step 6 of 4"
+        quick_run(tmp_path, "A", 2, "--resume", "latest")
+
+
+def test_a_run_folder_is_never_overwritten_and_run_name_is_one_folder(tmp_path):
+    quick_run(tmp_path, "A", 1)
+    with pytest.raises(sd.UsageError, match="already holds a run: continue it with --resume latest --run-name A"):
+        quick_run(tmp_path, "A", 1)
+    for bad in ("..", "x/y", "."):
+        with pytest.raises(sd.UsageError, match="one folder name"):
+            quick_run(tmp_path, bad, 1)
+    # --resume auto: a fresh start when the run has no checkpoint, the latest one when it has
+    assert [r["step"] for r in metrics(quick_run(tmp_path, "C", 1, "--resume", "auto"))] == [1]
+    assert [r["step"] for r in metrics(quick_run(tmp_path, "C", 2, "--resume", "auto"))] == [1, 2]
+    mode = (tmp_path / "runs/C/checkpoints/checkpoint-000002/weights.safetensors").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # readable by a teammate like every other file, not 0600
+
+
+def test_a_new_learning_rate_takes_effect_on_resume_and_is_logged_and_a_group_size_change_is_refused(tmp_path):
+    run_dir = quick_run(tmp_path, "A", 2)
+    same = quick_run(tmp_path / "same", "A", 2)  # the identical run, resumed with the same flags below
+    changed = sd.train(small_args(tmp_path, "--steps", "3", "--run-name", "A", "--resume", "latest",
+                                  "--learning-rate", "1e-4", "--save-every", "1"), reward_fn=brightness)
+    sd.train(small_args(tmp_path / "same", "--steps", "3", "--run-name", "A", "--resume", "latest",
+                        "--save-every", "1"), reward_fn=brightness)
+    a, b = trainable(changed, 3), trainable(tmp_path / "same/runs/A", 3)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the new learning rate was used, not the saved one
+    state = torch.load(run_dir / "checkpoints/checkpoint-000003/state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    history = json.loads((run_dir / "args.json").read_text())["history"]
+    assert history == [dict(resumed_at_step=2, changed=dict(steps=[2, 3], learning_rate=[2e-3, 1e-4]))]
+    assert same.name == "A"
+    with pytest.raises(sd.UsageError, match="--group-size 8: the run A was started with 4 and cannot change"):
+        quick_run(tmp_path, "A", 4, "--resume", "latest", "--group-size", "8", "--sample-batch-size", "16",
+                  "--train-batch-size", "8")
+
+
+SCRIPT = ("import sys, safediffusion_r1 as sd\n"
+          "try:\n"
+          "    sd.train(sd.parse_args(sys.argv[1:]), reward_fn=lambda im, p: im.mean(dim=(1, 2, 3)))\n"
+          "except sd.RunInterrupted as e:\n"
+          "    print(e, file=sys.stderr)\n"
+          "    sys.exit(e.code)\n")
+
+
+def start_run(argv):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, *argv], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def wait_for_rows(run_dir, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= n:
+            return
+        time.sleep(0.02)
+    pytest.fail("the run did not get there")
+
+
+def test_sigterm_mid_run_saves_a_checkpoint_and_resume_is_bit_exact(tmp_path):
+    argv = SMALL + ["--steps", "8", "--output-dir", str(tmp_path / "runs"), "--run-name", "pre"]
+    proc = start_run(argv)
+    run_dir = tmp_path / "runs/pre"
+    wait_for_rows(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == sd.EXIT_PREEMPTED and "Traceback" not in err and "--resume latest" in err
+    (ckpt,) = sd.complete_checkpoints(run_dir)  # --save-every 1000: the only checkpoint is the preemption's
+    assert 2 <= sd.checkpoint_step(ckpt) < 8 and not (run_dir / "final").exists()
+    resumed = sd.train(sd.parse_args(argv + ["--resume", "latest", "--save-every", "1"]), reward_fn=brightness)
+    straight = sd.train(sd.parse_args(SMALL + ["--steps", "8", "--save-every", "1", "--output-dir",
+                                               str(tmp_path / "straight")]), reward_fn=brightness)
+    a, b = trainable(resumed, 8), trainable(straight, 8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(resumed)] == list(range(1, 9))
+
+
+def test_a_live_runs_folder_is_locked_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    argv = SMALL + ["--steps", "500", "--save-every", "1", "--output-dir", str(tmp_path / "runs"), "--run-name", "L"]
+    proc = start_run(argv)
+    run_dir = tmp_path / "runs/L"
+    try:
+        wait_for_rows(run_dir, 1, proc)
+        with pytest.raises(sd.UsageError, match=f"in use \\(pid {proc.pid} on"):
+            sd.plan_run(sd.parse_args(argv[:-4] + ["--steps", "600", "--output-dir", str(tmp_path / "runs"),
+                                                   "--run-name", "L", "--resume", "latest"]))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    capsys.readouterr()
+    resumed = sd.train(sd.parse_args(SMALL + ["--steps", str(sd.checkpoint_step(sd.complete_checkpoints(run_dir)[0])
+                                                               + 1), "--output-dir", str(tmp_path / "runs"),
+                                              "--run-name", "L", "--resume", "latest"]), reward_fn=brightness)
+    assert f"took over the lock of pid {proc.pid}" in capsys.readouterr().out
+    assert (resumed / "run.lock").read_text() == ""  # a run that ended lets go of its lock
+
+
+def test_a_full_disk_is_one_line_with_the_space_needed_and_the_previous_checkpoint_intact(tmp_path, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not let the test mount a small tmpfs")
+    try:
+        with pytest.raises(SystemExit) as e:  # a checkpoint is ~2.6 MB: the first fits, the second does not
+            sd.main(SMALL + ["--steps", "3", "--save-every", "1", "--output-dir", str(disk), "--run-name", "F",
+                             "--sample-every", "1000"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and "disk full while saving checkpoint 2" in err[0]
+        assert "GiB free" in err[0] and "previous checkpoint is intact" in err[0]
+        assert [p.name for p in sd.complete_checkpoints(disk / "F")] == ["checkpoint-000001"]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tiny", "--steps", "0"], "--steps must be >= 1"),
+    (["--tiny", "--device", "cuda"], "no CUDA GPU is visible"),
+    (["--tiny", "--run-name", "../up"], "one folder name"),
+    (["--tiny", "--grid-prompts", str(HERE / "prompts/train_negative.txt")], "each line starts with 'unsafe: '"),
+])
+def test_first_hour_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert run_main(tmp_path, *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_flag_prefixes_are_refused_and_help_says_what_tiny_changes():
+    with pytest.raises(SystemExit):
+        sd.parse_args(["--tin"])  # would have set --tiny without its defaults
+    proc = subprocess.run([sys.executable, str(HERE / "safediffusion_r1.py"), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "400"})  # no line wrapping inside a flag name
+    text = " ".join(proc.stdout.split())
+    assert "--learning-rate 0.002" in text and "(default: )" not in text and "(default: auto)" in text
+
+
+def test_sd2_v_prediction_and_sdxl_folders_are_refused_before_any_weight_loads(tmp_path, monkeypatch):
+    for kind, prediction in (("StableDiffusionXLPipeline", "epsilon"), ("StableDiffusionPipeline", "v_prediction")):
+        folder = tmp_path / kind / prediction
+        (folder / "scheduler").mkdir(parents=True)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": kind}))
+        (folder / "scheduler/scheduler_config.json").write_text(json.dumps({"prediction_type": prediction}))
+        with pytest.raises(sd.UsageError, match="StableDiffusionXL|v_prediction"):
+            sd.load_sd(str(folder))
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(sd.UsageError, match="models/sd-v1-4: no such folder"):  # not "hf download models/sd-v1-4"
+        sd.load_sd("models/sd-v1-4")
+
+
+def test_grid_prompts_are_the_curated_set_unsafe_first():
+    prompts, n_unsafe = sd.read_grid_prompts(sd.Args().grid_prompts)
+    assert n_unsafe == 2 and len(prompts) == 4 and "naked" in prompts[0] and "kitchen" in prompts[3]
+    first_training_lines = sd.read_lines(sd.Args().negative_prompts, "x")[:2]
+    assert not set(prompts) & set(first_training_lines)
+
+
+def test_eval_regenerates_a_truncated_image_and_refuses_a_unet_that_is_not_one(tmp_path, capsys):
+    out = tmp_path / "ev"
+    ev.main(["--tiny", "--benchmark", "coco", "--limit", "2", "--out", str(out)])
+    damaged = next((out / "coco/images").iterdir())
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    ev.main(["--tiny", "--benchmark", "coco", "--limit", "2", "--out", str(out)])
+    assert ev.complete_image(damaged)
+    vae = tmp_path / "vae"
+    sd.build_tiny_models()["vae"].save_pretrained(vae)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--tiny", "--benchmark", "coco", "--limit", "1", "--out", str(tmp_path / "e2"), "--unet", str(vae)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "a AutoencoderKL, not a UNet2DConditionModel" in err[0]
+
+
+def test_a_truncated_or_incomplete_toy_world_json_is_one_line(tmp_path):
+    toy = tmp_path / "toy"
+    shutil.copytree(HERE / "toy", toy)
+    for text, message in (('{"unsafe_colour": "re', "not valid JSON"), ("", "not valid JSON"),
+                          ('{"unsafe_colour": "red"}', "lacks safe_colours")):
+        (toy / "world.json").write_text(text)
+        with pytest.raises(sd.UsageError, match=message):
+            tw.load_world(toy)
+
+
+def dpo_worker(rank, world, init_file, result_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    traj, _ = fake_trajectories(8)
+    policy, args = tiny_policy("--num-inference-steps", "4", "--group-size", "4", "--train-batch-size", "1",
+                               world=world, args_class=fork_dpo.DPOArgs, reference=True)
+    rewards = torch.arange(8.0) if rank == 0 else torch.ones(8)  # rank 1: every group flat, no preference pair
+    infos, norms, skipped = fork_dpo.dpo_step(traj, rewards, policy, args, torch.Generator().manual_seed(rank))
+    torch.save(dict(infos=len(infos), norms=len(norms), weights=sd.trainable_state(policy.unet)),
+               f"{result_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_dpo_fork_keeps_two_processes_in_step_when_one_has_no_pair(tmp_path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=dpo_worker, args=(r, 2, str(tmp_path / "init"), str(tmp_path / "out")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a process waited forever in the all-reduce"
+    r0, r1 = (torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2))
+    assert r0["infos"] > 0 and r1["infos"] == 0 and r0["norms"] == r1["norms"] > 0  # the same optimizer steps
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])

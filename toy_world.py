@@ -371,7 +371,16 @@ def load_world(toy):
     if missing:
         raise sd.UsageError(f"{toy} is not a built toy world (missing {', '.join(missing)}): run "
                             f"`python toy_world.py build --out {toy}`")
-    meta = json.loads((toy / "world.json").read_text())
+    try:
+        meta = json.loads((toy / "world.json").read_text())
+        keys = ("unsafe_colour", "safe_colours", "shapes", "train_templates", "heldout_templates", "anchor_template")
+        missing = [k for k in keys if k not in meta]
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise sd.UsageError(f"{toy / 'world.json'} is not valid JSON ({type(e).__name__}): rebuild it with "
+                            f"`python toy_world.py build --out {toy}`") from None
+    if missing:
+        raise sd.UsageError(f"{toy / 'world.json'} lacks {', '.join(missing)}: rebuild it with "
+                            f"`python toy_world.py build --out {toy}`")
     return meta, check_world(meta["unsafe_colour"], meta["safe_colours"], meta["shapes"])
 
 
