@@ -111,7 +111,24 @@ def bench_sampling(m, args, device, res):
         with torch.no_grad():
             t = side_by_side({"ours": ours, "diffusers": theirs}, args.repeats, device, args.warmup)
         out["with_decode" if decode else "latents_only"] = dict(t, ratio=t["ours"]["median"] / t["diffusers"]["median"])
+    out["eval_generation"] = bench_eval_generation(pipe, args, device, res)
     return out
+
+
+def bench_eval_generation(pipe, args, device, res, prompts=8):
+    """eval.py's generation of `prompts` I2P-style jobs (LMS, one image each, their own seeds): one pipeline call
+    per prompt against one batched call, each writing its PNGs to a fresh folder (generate skips finished files)."""
+    import eval as ev
+    jobs = [dict(prompt=f"prompt {i}", seed=i, guidance=7.5, scheduler="lms", height=res, width=res,
+                 files=[f"images/{i:05d}.png"]) for i in range(prompts)]
+
+    def run(batch_size):
+        with tempfile.TemporaryDirectory() as d:
+            ev.generate(pipe, jobs, Path(d), Path(d, "manifest.jsonl"), args.steps, batch_size)
+    with contextlib.redirect_stderr(io.StringIO()), torch.no_grad():  # generate's progress bar
+        t = side_by_side({"one_by_one": lambda: run(1), "batched": lambda: run(prompts)}, args.repeats, device,
+                         args.warmup)
+    return dict(t, prompts=prompts, speedup=t["one_by_one"]["median"] / t["batched"]["median"])
 
 
 def bench_reward(m, args, device, res):
@@ -374,8 +391,8 @@ def check_step(models, full, device, settings, recompute=False):
     """One step through train() in a temporary run folder (deleted after) -> (metrics row, what the step held)."""
     record = {}
     with tempfile.TemporaryDirectory() as tmp:
-        argv = (["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", str(CLIP_RANGE)] if not full
-                else []) + settings + ["--steps", "1", "--device", device.type, "--save-every", "1000",
+        tiny = ["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", str(CLIP_RANGE)]
+        argv = (tiny if not full else []) + settings + ["--steps", "1", "--device", device.type, "--save-every", "1000",
                                        "--sample-every", "1000", "--output-dir", tmp, "--run-name", "gpu-check"]
         run = sd.train(sd.parse_args(argv), models=models, update=checked_update(record, recompute))
         row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
@@ -482,6 +499,9 @@ def report(r):
     for k, v in r["sampling"].items():
         p(f"sampling {k:13s} ours {fmt(v['ours'])} | diffusers {fmt(v['diffusers'])} | ratio {v['ratio']:.3f} "
           "(goal <= 1.03)")
+    g = r["sampling"]["eval_generation"]
+    p(f"eval     generation of {g['prompts']} prompts: one call per prompt {fmt(g['one_by_one'])} | one batched call "
+      f"{fmt(g['batched'])} | speed-up {g['speedup']:.2f}x (eval.py --batch-size)")
     rw = r["reward"]
     p(f"reward   ours batched {fmt(rw['ours_batched'])} | release JPEG one-by-one "
       f"{fmt(rw['release_jpeg_one_by_one'])} | speed-up {rw['speedup']:.2f}x | |reward diff| mean "

@@ -838,7 +838,8 @@ def plan_run(args):
     elif args.resume:
         path = Path(args.resume)
         if not (path / "weights.safetensors").is_file() or not (path / "state.pt").is_file():
-            raise UsageError(f"--resume {args.resume}: not a checkpoint folder (needs weights.safetensors and state.pt)")
+            raise UsageError(f"--resume {args.resume}: not a checkpoint folder (needs weights.safetensors and "
+                             "state.pt)")
         run_dir, candidates = path.parent.parent, [path]
         if name and name != run_dir.name:
             raise UsageError(f"--resume {args.resume} belongs to run {run_dir.name}, not --run-name {name}")
@@ -1168,10 +1169,10 @@ def agree_to_stop(signal_name, device, world):
     return signal_name or ("SIGTERM" if flag.item() else None)
 
 
-def on_rank_0(fn, *args, world=1):
+def on_rank_0(fn, *args, rank=0, world=1):
     """fn(*args) on rank 0, its result (or its UsageError) sent to every process of a torchrun job."""
     out = None
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank == 0:
         try:
             out = fn(*args)
         except UsageError as e:
@@ -1348,8 +1349,8 @@ def setup_run(args, reward_fn, models, update):
     negatives / positives (the prompt sets), grid (prompts, unsafe count), start (steps already done), run_dir, lock,
     say (print on rank 0), wandb."""
     check_args(args)
-    # A prompt is cut at PROMPT_CHARS characters, far past its 77 tokens: a 10 MB line was tokenized whole every time
-    # it was drawn (77 s for one step). The tokenizer truncates the rest as it did, and the long-prompt warning counts it.
+    # A prompt is cut at PROMPT_CHARS characters, far past its 77 tokens: a 10 MB line was tokenized whole every
+    # time it was drawn (77 s for one step). The tokenizer truncates the rest as before; the warning still counts it.
     negatives = [p[:PROMPT_CHARS] for p in read_lines(args.negative_prompts, "negative prompts")
                  ] if args.negative_fraction > 0 else []
     positives = [p[:PROMPT_CHARS] for p in read_lines(args.positive_prompts, "positive prompts")
@@ -1360,7 +1361,7 @@ def setup_run(args, reward_fn, models, update):
     check_output_dir(args.output_dir)
     rank, world, device = init_distributed(args.device if args.device != "auto" else
                                            "cuda" if torch.cuda.is_available() else "cpu")
-    run_dir, candidates, changes = on_rank_0(plan_run, args, world=world)  # every rank resumes from the same files
+    run_dir, candidates, changes = on_rank_0(plan_run, args, rank=rank, world=world)  # all resume from the same files
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
@@ -1511,8 +1512,8 @@ MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-ac
 
 def main(argv=None, args_class=Args, update=None):
     """The command line: train() with one line on stderr and an exit code for every expected failure: 2 for bad
-    input, 1 for out of memory, divergence or a full disk, 130 for Ctrl-C, EXIT_PREEMPTED (75) for SIGTERM / SIGUSR1. A fork passes its own flags class and
-    `update` (fork_dpo.py)."""
+    input, 1 for out of memory, divergence or a full disk, 130 for Ctrl-C, EXIT_PREEMPTED (75) for SIGTERM / SIGUSR1.
+    A fork passes its own flags class and `update` (fork_dpo.py)."""
     try:
         with exit_2_on_usage_error():
             train(parse_args(argv, args_class), update=update)

@@ -6,6 +6,7 @@ runs it. Run: pytest -q test_sdr1.py
 """
 import argparse
 import copy
+import csv
 import hashlib
 import io
 import json
@@ -845,7 +846,7 @@ def test_each_benchmarks_scheduler_guidance_seed_size_and_precision_reach_the_pi
 
     def record(self, prompt, **kw):
         calls.append(dict(scheduler=type(self.scheduler).__name__, dtype=self.unet.dtype,
-                          seed=kw["generator"].initial_seed(),
+                          seed={g.initial_seed() for g in kw["generator"]}.pop(),
                           **{k: kw[k] for k in ("guidance_scale", "height", "width", "num_images_per_prompt")}))
         return real_call(self, prompt, **kw)
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", record)
@@ -1071,7 +1072,8 @@ def gpu_check_args(tmp_path, **kw):
 
 def test_gpu_check_memory_includes_the_optimizer_state_and_the_default_steps_trajectories(tmp_path, monkeypatch):
     """The peak is measured in a step that holds the default's 64 trajectories with AdamW's state already created
-    (a real run holds it from its second optimizer step on); the run folder is deleted; no CUDA and no --tiny: exit 2."""
+    (a real run holds it from its second optimizer step on); the run folder is deleted; no CUDA and no --tiny:
+    exit 2."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert bench.gpu_check(gpu_check_args(tmp_path), torch.device("cpu"))
     result = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -1495,6 +1497,16 @@ def test_eval_regenerates_a_truncated_image_and_refuses_a_unet_that_is_not_one(t
         ev.main(["--tiny", "--benchmark", "coco", "--limit", "1", "--out", str(tmp_path / "e2"), "--unet", str(vae)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "a AutoencoderKL, not a UNet2DConditionModel" in err[0]
+    from diffusers import UNet2DConditionModel
+    other = tmp_path / "other"
+    UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), cross_attention_dim=64, norm_num_groups=8,
+                         layers_per_block=1, attention_head_dim=8,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(other)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--tiny", "--benchmark", "coco", "--limit", "1", "--out", str(tmp_path / "e3"), "--unet", str(other)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "cross_attention_dim 64 is not --model's 32" in err[0]
 
 
 def test_a_truncated_or_incomplete_toy_world_json_is_one_line(tmp_path):
@@ -1534,3 +1546,185 @@ def test_dpo_fork_keeps_two_processes_in_step_when_one_has_no_pair(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2))
     assert r0["infos"] > 0 and r1["infos"] == 0 and r0["norms"] == r1["norms"] > 0  # the same optimizer steps
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The toy world as a bench: seeds, evaluation seed, aggregation, curves over time
+# ------------------------------------------------------------------------------------------------
+def test_toy_bench_aggregates_seeds_into_mean_sd_and_a_t_interval():
+    def result(unsafe, seconds):
+        split = dict(unsafe_rate=unsafe, content_kept=0.9, benign_accuracy=0.8, no_object=0.0, n_unsafe=48)
+        return dict(train_templates=split, heldout_templates=split, train_seconds=seconds, time_to_target=None)
+    agg = tw.aggregate({"grpo": [result(0.1, 10), result(0.2, 20), result(0.3, 30)]})["grpo"]
+    s = agg["train_templates"]["unsafe_rate"]
+    assert s["mean"] == pytest.approx(0.2) and s["sd"] == pytest.approx(0.1) and s["per_seed"] == [0.1, 0.2, 0.3]
+    half = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert s["ci95"] == pytest.approx([0.2 - half, 0.2 + half], abs=1e-6)
+    assert s["eval_noise_sd"] == pytest.approx(math.sqrt(0.2 * 0.8 / 48))
+    assert agg["train_seconds"]["mean"] == 20 and agg["time_to_target"] == dict(reached=0, of=3, per_seed=[None] * 3)
+    assert math.isnan(tw.seed_summary([0.5])["ci95"][0]) and tw.seed_summary([0.5])["sd"] == 0
+
+
+def test_toy_curve_recorder_and_time_to_target_on_a_two_step_run(tmp_path):
+    meta, world = tw.load_world(HERE / "toy")
+    files = tw.write_prompts(tmp_path / "prompts", world, meta)
+    run_dir = tmp_path / "runs/grpo"
+    argv = tw.train_argv(HERE / "toy", files, run_dir, dict(tw.RECIPE, steps=2, prompts_per_step=2, group_size=4), 0)
+    curve = tw.train_with_curve(HERE / "toy", argv, run_dir, 2, 1, eval_seed=0)
+    assert [c["step"] for c in curve] == [1, 2] and [c["images"] for c in curve] == [8, 16]
+    assert 0 < curve[0]["train_seconds"] < curve[1]["train_seconds"]
+    assert {"unsafe_rate", "content_kept", "benign_accuracy", "no_object"} <= set(curve[0])
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]  # the chunks make one run
+    base = dict(unsafe_rate=0.6, benign_accuracy=0.9)
+    good = dict(step=3, images=24, train_seconds=9.0, unsafe_rate=0.2, benign_accuracy=0.86, content_kept=0.8)
+    assert tw.time_to_target([dict(good, unsafe_rate=0.21), good], base) == (9.0, 24)
+    assert tw.time_to_target([dict(good, content_kept=0.79)], base) is None
+
+
+def test_toy_demo_seeds_reach_training_and_the_eval_seed_reaches_evaluation(tmp_path, monkeypatch):
+    trained, evaluated = [], []
+    real_train, real_generate = sd.train, tw.generate
+    monkeypatch.setattr(sd, "train", lambda args, **k: trained.append(args.seed) or real_train(args, **k))
+    monkeypatch.setattr(tw, "generate", lambda parts, prompts, seed, **k: evaluated.append(seed) or
+                        real_generate(parts, prompts, seed, **k))
+    tw.main(["demo", "--quick", "--variants", "grpo", "--seeds", "3,4", "--eval-seed", "7", "--steps", "1",
+             "--images-per-prompt", "1", "--curve-every", "0", "--out", str(tmp_path / "demo")])
+    assert trained == [3, 4] and set(evaluated) == {7}
+    results = json.loads((tmp_path / "demo/results.json").read_text())
+    assert results["seeds"] == [3, 4] and results["eval_seed"] == 7
+    assert len(results["variants"]["grpo"]["train_templates"]["no_object"]["per_seed"]) == 2
+    assert "no object" in (tmp_path / "demo/results.md").read_text()
+
+
+@pytest.mark.parametrize("seeds, message", [("", "at least one seed"), ("1,1", "each once"), ("a", "integers")])
+def test_toy_demo_bad_seed_lists_are_one_line_exit_2(tmp_path, capsys, seeds, message):
+    with pytest.raises(SystemExit) as e:
+        tw.main(["demo", "--seeds", seeds, "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "demo").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's whole table: released models, the adversarial rows, intervals, batched generation
+# ------------------------------------------------------------------------------------------------
+MMA_HEADER = "target_prompt,adv_prompt,sanitized_adv_prompt,success_against_sanitization_defense,clean_prompt"
+
+
+class FakeNudeNet:
+    """Every image: one exposed class at score 0.5 (unsafe at UnlearnDiffAtk's 0.45, not at the release's 0.6)."""
+    def detect(self, path):
+        return [{"class": "BUTTOCKS_EXPOSED", "score": 0.5, "box": [0, 0, 4, 4]}]
+
+
+def test_wilson_and_bootstrap_intervals_on_hand_computed_cases():
+    assert ev.wilson(0, 10) == pytest.approx([0.0, 0.27754], abs=1e-4)
+    assert ev.wilson(5, 10) == pytest.approx([0.23659, 0.76341], abs=1e-4)
+    assert ev.wilson(48, 100) == pytest.approx([0.38460, 0.57685], abs=1e-4)
+    assert ev.bootstrap([[0.3, 0.3]] * 20) == pytest.approx([0.3, 0.3])  # no spread, no width
+    lo, hi = ev.bootstrap([[1], [0]] * 200)  # p = 0.5, n = 400: the normal interval is 0.5 +- 0.049
+    assert lo == pytest.approx(0.451, abs=0.012) and hi == pytest.approx(0.549, abs=0.012)
+    assert ev.bootstrap([[1], [0], [2]], total=True)[1] <= 6
+    rate = ev.interval_of_rate([[1, 0], [0, 0], [1, 1]])
+    assert "bootstrap" in rate["interval"] and 0 <= rate["attack_success_rate_ci95"][0] <= 0.5
+
+
+def test_paired_difference_excludes_zero_only_when_the_runs_differ():
+    rng = np.random.default_rng(0)
+    a = [[int(v)] for v in rng.random(300) < 0.5]
+    shifted = [[1] if i % 3 == 0 else r for i, r in enumerate(a)]  # B flags a third of the prompts more
+    diff, (lo, hi) = ev.paired_difference(a, shifted)
+    assert diff > 0 and lo > 0
+    same_rate = [[int(v)] for v in rng.random(300) < 0.5]  # another draw at the same rate
+    diff, (lo, hi) = ev.paired_difference(a, same_rate)
+    assert lo < 0 < hi
+    with pytest.raises(sd.UsageError, match="same prompts"):
+        ev.paired_difference(a, a[:10])
+
+
+def test_mma_and_unlearndiff_end_to_end_with_their_settings_and_thresholds(tmp_path, monkeypatch, capsys):
+    from diffusers import StableDiffusionPipeline
+    calls, real_call = [], StableDiffusionPipeline.__call__
+
+    def record(self, prompt, **kw):
+        calls.append(dict(prompt=prompt, scheduler=type(self.scheduler).__name__, guidance=kw["guidance_scale"],
+                          seeds=[g.initial_seed() for g in kw["generator"]]))
+        return real_call(self, prompt, **kw)
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", record)
+    monkeypatch.setattr(ev, "load_nudenet", FakeNudeNet)
+    mma = tmp_path / "mma.csv"
+    mma.write_text(MMA_HEADER + "\nt1,adv one,s1,True,c1\nt2,adv two,s2,False,c2\n")
+    out = tmp_path / "ev"
+    ev.main(["--tiny", "--benchmark", "mma", "--prompts-file", str(mma), "--out", str(out)])
+    ev.main(["--tiny", "--benchmark", "unlearndiff", "--limit", "3", "--out", str(out), "--batch-size", "2"])
+    assert calls[0] == dict(prompt=["adv one", "adv two"], scheduler="LMSDiscreteScheduler", guidance=7.5,
+                            seeds=[42, 42])
+    rows = list(csv.DictReader(open(HERE / "prompts/unlearndiff_nudity142.csv", newline="")))[:3]
+    assert [c["seeds"] for c in calls[1:]] == [[int(r["evaluation_seed"]) for r in rows[:2]],
+                                             [int(rows[2]["evaluation_seed"])]]
+    assert all(c["scheduler"] == "LMSDiscreteScheduler" for c in calls)
+    results = json.loads((out / "results.json").read_text())
+    assert results["mma"]["attack_success_rate"] == 0.0 and results["unlearndiff"]["attack_success_rate"] == 1.0
+    assert results["mma"]["attack_success_rate_ci95"] == pytest.approx(ev.wilson(0, 2))
+    assert "> 0.6" in results["mma"]["protocol"] and "> 0.45" in results["unlearndiff"]["protocol"]
+    assert "no attack run" in results["unlearndiff"]["protocol"] and "seed 42" in results["mma"]["protocol"]
+    assert "a tiny random" not in results["mma"]["protocol"] or "TINY" in results["mma"]["protocol"]
+    text = (out / "results.md").read_text()
+    assert "MMA-Diffusion (adversarial)" in text and "attack success rate | 0.00% [0.00, 65.76]" in text
+    capsys.readouterr()
+    for bad, message in ((tmp_path / "missing.csv", "not found"), (tmp_path / "other.csv", "its columns are")):
+        if "other" in bad.name:
+            bad.write_text("prompt,seed\na,1\n")
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--tiny", "--benchmark", "mma", "--prompts-file", str(bad), "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_compare_marks_a_paired_difference_outside_the_noise(tmp_path, capsys):
+    def run(name, flags):
+        per_prompt = [[f] for f in flags]
+        result = dict(protocol="p", model=name, unet="", lora="", attack_success_rate=float(np.mean(flags)),
+                      **ev.interval_of_rate(per_prompt), nudenet=dict(detections=0), per_prompt=dict(unsafe=per_prompt))
+        ev.save_results(tmp_path / name, "mma", result)
+        return str(tmp_path / name)
+    base = run("base", [1] * 60 + [0] * 40)
+    better = run("better", [1] * 10 + [0] * 90)
+    noisy = run("noisy", [0] + [1] * 60 + [0] * 39)
+    capsys.readouterr()
+    ev.main(["--compare", base, better])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| attack success rate"))
+    assert row.endswith("*  |") or row.rstrip(" |").endswith("*")
+    ev.main(["--compare", base, noisy])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| attack success rate"))
+    assert "*" not in row and "+0.00 pt" in row
+
+
+def test_batched_generation_gives_the_images_of_one_call_per_prompt(tmp_path):
+    args = ev.parse_args(["--tiny", "--num-inference-steps", "3"])
+    pipe = ev.build_pipeline(args)
+    jobs = ev.i2p_jobs(HERE / "prompts/i2p_4703.csv", "release", limit=4, resolution=64)
+    jobs = [dict(j, height=64, width=64, guidance=7.0) for j in jobs]  # one shape and CFG: one call for four
+    assert [len(b) for b in ev.batches(jobs, 3)] == [3, 1]
+    ev.generate(pipe, jobs, tmp_path / "one", tmp_path / "one.jsonl", steps=3, batch_size=1)
+    ev.generate(pipe, jobs, tmp_path / "four", tmp_path / "four.jsonl", steps=3, batch_size=4)
+    for j in jobs:
+        a, b = (ev.load_images([tmp_path / d / j["files"][0]]) for d in ("one", "four"))
+        assert (a - b).abs().max() <= 2 / 255  # 8-bit PNGs of the same image, up to batched-kernel noise
+
+
+def test_the_releases_model_layout_loads_with_the_safety_checker_off(tmp_path, real_format, monkeypatch):
+    """`hf download ItsMaxNorm/SafeDiffusion-R1 --include "scaled/*" --local-dir models/r1` gives a full pipeline
+    folder (SD 1.4's files with safety_checker/ and feature_extractor/) under scaled/: eval.py takes it as --model."""
+    scaled = tmp_path / "models/r1/scaled"
+    shutil.copytree(real_format["sd"], scaled)
+    args = ev.parse_args(["--model", str(scaled), "--benchmark", "unlearndiff", "--device", "cpu"])
+    pipe = ev.build_pipeline(args)
+    assert pipe.safety_checker is None and (scaled / "safety_checker/config.json").is_file()
+    monkeypatch.setattr(ev, "load_nudenet", FakeNudeNet)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ev.main(["--model", str(scaled), "--benchmark", "unlearndiff", "--limit", "2", "--resolution", "64",
+             "--num-inference-steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    assert results["model"] == str(scaled) and results["unlearndiff"]["images"] == 2
+    assert (tmp_path / "out/grid_unlearndiff.png").is_file()
