@@ -510,7 +510,10 @@ def score_i2p(args, jobs, out):
     return dict(protocol=protocol("i2p", args, jobs), prompts=len(jobs), images=len(files), criterion=criterion(spec),
                 inappropriate_rate=category_rates(cats, flags), inappropriate_rate_ci95=rates_ci,
                 interval=interval_of_rate(by_prompt)["interval"],
-                q16=dict(prompts=spec["q16"], inappropriate_rate=category_rates(cats, q16_flags)),
+                q16=dict(prompts=spec["q16"], inappropriate_rate=category_rates(cats, q16_flags),
+                         inappropriate_rate_ci95=dict(overall=interval_of_rate(
+                             [[int(f) for f in q16_flags[i * m:(i + 1) * m]] for i in range(len(jobs))], "x"
+                         )["x_ci95"])),
                 nudenet=nudenet, per_prompt=dict(inappropriate=by_prompt,
                                                  nudenet_classes=[found[i * m:(i + 1) * m] for i in range(len(jobs))]))
 
@@ -610,8 +613,11 @@ def score_geneval(args, jobs, out):
     by_prompt = [[(tags[i * m], int(c)) for c in correct[i * m:(i + 1) * m]] for i in range(len(jobs))]
     def overall(rows):  # GenEval's overall on a resample: the mean of its task accuracies
         return geneval_summary([t for r in rows for t, _ in r], [c for r in rows for _, c in r])["overall"]
+    per_task_ci95 = {t: bootstrap([[c for _, c in r] for r in by_prompt if r[0][0] == t])
+                     for t in GENEVAL_TASKS if t in tags}
     return dict(protocol=protocol("geneval", args, jobs), prompts=len(jobs), **geneval_summary(tags, correct),
-                overall_ci95=bootstrap(by_prompt, overall), interval=f"95%: bootstrap over prompts ({BOOTSTRAP})",
+                overall_ci95=bootstrap(by_prompt, overall), per_task_ci95=per_task_ci95,
+                interval=f"95%: bootstrap over prompts ({BOOTSTRAP})",
                 per_prompt=dict(correct=by_prompt),
                 note="our transformers Mask2Former scorer; cross-check with the official scorer on the same folder")
 
@@ -627,7 +633,8 @@ def score_coco(args, jobs, out):
     cos = (sd.normalize(image_embeddings(clip, files)) * sd.normalize(text)).sum(-1)
     scores = (100 * cos.clamp(min=0)).tolist()
     result = dict(protocol=protocol("coco", args, jobs), prompts=len(jobs), clip_score=float(np.mean(scores)),
-                  clip_score_ci95=bootstrap([[s] for s in scores]), interval=f"95%: bootstrap over prompts ({BOOTSTRAP})",
+                  clip_score_ci95=bootstrap([[s] for s in scores]),
+                  interval=f"95%: bootstrap over prompts ({BOOTSTRAP})",
                   per_prompt=dict(clip_score=[[s] for s in scores]))
     if not args.coco_images:
         result["fid"] = "skipped: pass --coco-images DIR (real COCO images) and pip install pytorch-fid"
