@@ -119,6 +119,9 @@ class Args:
     train_batch_size: int = flag(2, "trajectories per training micro-batch")
     gradient_accumulation_steps: int = flag(16, "micro-batches per optimizer step (2 x 16 = the release's 8 x 4)")
     timestep_fraction: float = flag(1.0, "fraction of the T-1 trainable denoising steps trained per trajectory")
+    sde_window: int = flag(0, "fast mode, a deviation: eta > 0 only on W consecutive denoising steps (placed at random "
+                           "each step), deterministic DDIM elsewhere, and only those W trained (Flow-GRPO-Fast, "
+                           "MixGRPO); 0 = every step stochastic and trainable, the paper's method")
     clip_range: float = flag(1e-4, "PPO ratio clip epsilon")
     adv_clip_max: float = flag(2.5, "advantages clamped to +-this")
     kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL)")
@@ -201,6 +204,8 @@ def check_args(args):
     need(args.group_size >= 2, f"--group-size must be >= 2 (got {args.group_size}): advantages are per group")
     need(args.learning_rate > 0, f"--learning-rate must be > 0 (got {args.learning_rate})")
     need(0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
+    need(0 <= args.sde_window <= args.num_inference_steps - 1, f"--sde-window must be in [0, "
+         f"{args.num_inference_steps - 1}], the trainable steps of {args.num_inference_steps} (got {args.sde_window})")
     need(0 <= args.negative_fraction <= 1, f"--negative-fraction must be in [0, 1] (got {args.negative_fraction})")
     need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
     need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0,
@@ -452,6 +457,23 @@ def ddim_step_with_logprob(scheduler, eps, timesteps, latents, eta=1.0, next_lat
     """
     if eta <= 0:
         raise ValueError(f"eta must be > 0 for a log-probability (got {eta}): at eta = 0 the step is deterministic")
+    next_mean, std_dev = ddim_mean(scheduler, eps, timesteps, latents, eta)
+    if next_latents is None:
+        device = generator.device if generator else "cpu"
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32, device=device)
+        next_latents = next_mean + std_dev * noise.to(latents.device)
+    next_latents = next_latents.float()
+    # Gaussian log-density, MEAN over (C, H, W) rather than the true sum: with a sum over 16,384 latent dims the
+    # ratio exp(log_prob - old_log_prob) overflowed to NaN after the first update (DDPO's author, jannerm/ddpo issue
+    # #10), and the 1e-4 clip range of the release is tuned for this mean scale.
+    log_prob = (-((next_latents.detach() - next_mean) ** 2) / (2 * std_dev**2)
+                - std_dev.log() - math.log(math.sqrt(2 * math.pi)))
+    return DDIMStep(next_latents, log_prob.mean(dim=tuple(range(1, latents.ndim))), next_mean, std_dev)
+
+
+def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
+    """The DDIM step's mean mu_theta(x_t) and std sigma_t (DDIM eq. 12), float32: (B, C, h, w), (B, 1, 1, 1).
+    At eta = 0 sigma_t = 0 and mu is the deterministic DDIM step itself (the SDE window's steps outside it)."""
     # All of the step in float32, whatever autocast ran the UNet in: the log-ratio of the update is a
     # difference of two log-probs of size ~1, and bf16's 3 significant digits would drown it.
     eps, x_t = eps.float(), latents.float()
@@ -467,17 +489,7 @@ def ddim_step_with_logprob(scheduler, eps, timesteps, latents, eta=1.0, next_lat
     x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
     std_dev = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
     next_mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std_dev**2).sqrt() * eps
-    if next_latents is None:
-        device = generator.device if generator else "cpu"
-        noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=device)
-        next_latents = next_mean + std_dev * noise.to(x_t.device)
-    next_latents = next_latents.float()
-    # Gaussian log-density, MEAN over (C, H, W) rather than the true sum: with a sum over 16,384 latent dims the
-    # ratio exp(log_prob - old_log_prob) overflowed to NaN after the first update (DDPO's author, jannerm/ddpo issue
-    # #10), and the 1e-4 clip range of the release is tuned for this mean scale.
-    log_prob = (-((next_latents.detach() - next_mean) ** 2) / (2 * std_dev**2)
-                - std_dev.log() - math.log(math.sqrt(2 * math.pi)))
-    return DDIMStep(next_latents, log_prob.mean(dim=tuple(range(1, x_t.ndim))), next_mean, std_dev)
+    return next_mean, std_dev
 
 
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
@@ -500,11 +512,13 @@ def initial_noise(n, group, shape, generator):
 @torch.no_grad()
 def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_inference_steps=50,
                         guidance_scale=5.0, eta=1.0, generator=None, latents=None, resolution=512, vae=None,
-                        autocast=contextlib.nullcontext):
+                        autocast=contextlib.nullcontext, etas=None):
     """Roll out B trajectories of the stochastic DDIM policy and keep what GRPO needs.
 
     prompt_embeds (B, 77, D); negative_embeds (1, 77, D). The initial noise x_T is `latents` (B, C, h, w), or drawn
     per image from `generator` (a CPU generator, so a seed gives the same run on any device).
+    `etas` (T,), if given, is each step's eta: 0 makes a step deterministic DDIM (its log_prob is a placeholder 0,
+    never trained), as outside --sde-window.
     Returns a dict:  latents (B, T, C, h, w) x_t | next_latents (B, T, C, h, w) x_{t-1} | log_probs (B, T)
     | timesteps (B, T) | prompt_embeds (B, 77, D) | images (B, 3, H, W) in [0, 1] when `vae` is given.
     """
@@ -514,11 +528,16 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
         latents = initial_noise(b, 1, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
     x_t = latents.to(device, torch.float32)
     steps = []
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         timesteps = t.expand(b).to(device)
         with autocast():
             eps = guided_eps(unet, x_t, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-        step = ddim_step_with_logprob(scheduler, eps, timesteps, x_t, eta=eta, generator=generator)
+        if etas is not None and etas[i] == 0:  # outside the SDE window: no noise drawn, nothing to score
+            next_latents = ddim_mean(scheduler, eps, timesteps, x_t, 0.0)[0]
+            step = DDIMStep(next_latents, torch.zeros(b, device=device), next_latents, None)
+        else:
+            step = ddim_step_with_logprob(scheduler, eps, timesteps, x_t, eta=eta if etas is None else etas[i],
+                                          generator=generator)
         steps.append((x_t, step.next_latents, step.log_prob))
         x_t = step.next_latents
     out = {k: torch.stack(v, 1) for k, v in zip(("latents", "next_latents", "log_probs"), zip(*steps))}
@@ -657,8 +676,21 @@ def reference_unet(policy):
 
 
 def trained_timesteps(args):
-    """How many of a trajectory's T - 1 trainable steps are trained (the last step never is, as in the release)."""
-    return max(1, int((args.num_inference_steps - 1) * args.timestep_fraction))
+    """How many of a trajectory's trainable steps are trained: of its T - 1 (the last step never is, as in the
+    release), or of the --sde-window's W."""
+    return max(1, int((args.sde_window or args.num_inference_steps - 1) * args.timestep_fraction))
+
+
+def sde_window(args, gen):
+    """The step's window of stochastic, trained denoising steps: W consecutive steps placed uniformly at random
+    among the T - 1 trainable ones, drawn from the run's generator (so resume replays it). -> (etas (T,), the
+    window's step indices (W,)), or (None, None) when --sde-window is 0 (every step stochastic, the default).
+    Random placement, not MixGRPO's sliding window: every noise level keeps being trained in every phase of the run."""
+    if not args.sde_window:
+        return None, None
+    T, W = args.num_inference_steps, args.sde_window
+    start = int(torch.randint(0, T - W, (1,), generator=gen))
+    return [args.eta if start <= i < start + W else 0.0 for i in range(T)], torch.arange(start, start + W)
 
 
 def grpo_update(traj, advantages, policy, args, gen):
@@ -672,9 +704,10 @@ def grpo_update(traj, advantages, policy, args, gen):
     """
     B, T = traj["log_probs"].shape
     K, device, micro = trained_timesteps(args), traj["latents"].device, args.train_batch_size
-    # Each trajectory trains its kept timesteps in its own random order (the release's per-sample shuffle), so
-    # one micro-batch mixes noise levels instead of stacking all its samples at the same t.
-    perm = torch.stack([torch.randperm(T - 1, generator=gen)[:K] for _ in range(B)]).to(device)  # (B, K)
+    # The trainable steps: all but the last, or the SDE window's (traj["window"], (W,)). Each trajectory trains its
+    # kept ones in its own random order (the release's per-sample shuffle), so one micro-batch mixes noise levels.
+    cols = traj.get("window", torch.arange(T - 1))
+    perm = torch.stack([cols[torch.randperm(len(cols), generator=gen)[:K]] for _ in range(B)]).to(device)  # (B, K)
     rows = torch.arange(B, device=device)[:, None]
     kept = {k: traj[k][rows, perm] for k in ("latents", "next_latents", "log_probs", "timesteps")}  # (B, K, ...)
     order = torch.randperm(B, generator=gen).to(device)  # mix prompts across micro-batches
@@ -1298,7 +1331,9 @@ def step_summary(args, world, n_trainable):
     return (f"per step{f' and process (x{world})' if world > 1 else ''}: {P} prompts "
             f"({round(P * args.negative_fraction)} negative) x group {G} = {B} trajectories | sampling {B // S} "
             f"batches of {S} | {n_micro} micro-batches of {args.train_batch_size} x {trained_timesteps(args)}/"
-            f"{args.num_inference_steps} timesteps | {n_micro // args.gradient_accumulation_steps} optimizer steps of "
+            f"{args.num_inference_steps} timesteps"
+            + (f" (SDE window of {args.sde_window}, placed at random each step)" if args.sde_window else "")
+            + f" | {n_micro // args.gradient_accumulation_steps} optimizer steps of "
             f"{args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
             f"{n_trainable:,} trainable params")
 
@@ -1436,11 +1471,13 @@ def train(args, reward_fn=None, models=None, update=None):
                 # Trajectories are laid out as P consecutive groups of G; group_advantages relies on that order.
                 embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts).repeat_interleave(G, 0)
                 noise = initial_noise(B, G if args.share_noise else 1, latent_shape, gen)  # (B, C, h, w)
+                etas, window = sde_window(args, gen)  # None, None: every step stochastic (the default)
                 chunks = [sample_with_logprob(policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds,
-                                              num_inference_steps=args.num_inference_steps, eta=args.eta,
+                                              num_inference_steps=args.num_inference_steps, eta=args.eta, etas=etas,
                                               guidance_scale=args.guidance_scale, generator=gen,
                                               latents=noise[i:i + S], autocast=policy.autocast) for i in range(0, B, S)]
                 traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}  # (B, T, ...)
+                traj.update({} if window is None else dict(window=window))  # grpo_update trains only these steps
                 marks.append(clock(device))
                 images = torch.cat([decode_latents(models["vae"], traj["next_latents"][i:i + S, -1])
                                     for i in range(0, B, S)])  # (B, 3, H, W)
@@ -1456,6 +1493,7 @@ def train(args, reward_fn=None, models=None, update=None):
                 # ================= LOG =================
                 row = log_row(step + 1, rewards, torch.arange(B) < n_neg * G, infos, grad_norms, skipped,
                               update.metrics, device, run.world)
+                row.update({} if window is None else dict(sde_window_start=int(window[0])))
                 row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
                            zip(("sample", "decode", "reward", "train"), marks, marks[1:])})
                 if rank == 0:

@@ -1728,3 +1728,59 @@ def test_the_releases_model_layout_loads_with_the_safety_checker_off(tmp_path, r
     results = json.loads((tmp_path / "out/results.json").read_text())
     assert results["model"] == str(scaled) and results["unlearndiff"]["images"] == 2
     assert (tmp_path / "out/grid_unlearndiff.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast mode: the SDE window
+# ------------------------------------------------------------------------------------------------
+def test_deterministic_steps_outside_the_window_are_diffusers_ddim_at_eta_0():
+    sched = sd.sd_scheduler()
+    sched.set_timesteps(50)
+    g = torch.Generator().manual_seed(0)
+    for t in sched.timesteps:
+        x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        expected = sched.step(eps, t, x, eta=0.0).prev_sample
+        mean, std = sd.ddim_mean(sched, eps, int(t), x, 0.0)
+        torch.testing.assert_close(mean, expected, rtol=0, atol=1e-6)
+        assert float(std.abs().max()) == 0
+
+
+def test_the_window_is_the_only_stochastic_scored_and_trained_part(tiny, monkeypatch):
+    args = sd.parse_args(SMALL + ["--num-inference-steps", "6", "--sde-window", "2"])
+    policy = sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    etas, window = sd.sde_window(args, gen)
+    assert len(window) == 2 and window[-1] <= 4 and etas == [1.0 if i in window else 0.0 for i in range(6)]
+    embeds = sd.encode_prompts(tiny["tokenizer"], tiny["text_encoder"], ["a", "b"]).repeat_interleave(4, 0)
+    traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds, num_inference_steps=6,
+                                  guidance_scale=4.5, resolution=64, generator=gen, etas=etas)
+    outside = [i for i in range(6) if i not in window]
+    assert (traj["log_probs"][:, outside] == 0).all() and (traj["log_probs"][:, window] != 0).all()
+    traj["window"] = window
+    calls, real_loss = [], sd.grpo_loss
+    monkeypatch.setattr(sd, "grpo_loss", lambda *a, **k: calls.append(a[1]) or real_loss(*a, **k))
+    infos, _, _ = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, args, torch.Generator().manual_seed(1))
+    trained = {(b, j) for old in calls for v in old for b, j in (traj["log_probs"] == v).nonzero().tolist()}
+    assert {j for _, j in trained} == set(window.tolist()) and len(trained) == 8 * 2  # every window step, once
+    assert infos[0]["approx_kl"] < 1e-12 and infos[0]["clipfrac"] == 0  # the ratio is 1 before any update
+
+
+def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fork(tmp_path):
+    window = ["--sde-window", "2", "--share-noise"]
+    a = sd.train(small_args(tmp_path / "a", "--steps", "2", "--save-every", "1", "--run-name", "r", *window),
+                 reward_fn=brightness)
+    sd.train(small_args(tmp_path / "a", "--steps", "4", "--save-every", "1", "--run-name", "r", "--resume", "latest",
+                        *window), reward_fn=brightness)
+    b = sd.train(small_args(tmp_path / "b", "--steps", "4", "--save-every", "1", *window), reward_fn=brightness)
+    x, y = trainable(a, 4), trainable(b, 4)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert [r["sde_window_start"] for r in metrics(a)] == [r["sde_window_start"] for r in metrics(b)]
+    lora = sd.train(small_args(tmp_path / "l", "--steps", "1", "--lora-rank", "4", *window), reward_fn=brightness)
+    assert (lora / "final/pytorch_lora_weights.safetensors").is_file()
+    fork_dpo.main(SMALL + ["--steps", "1", "--output-dir", str(tmp_path / "dpo"), *window])
+
+
+@pytest.mark.parametrize("value", ["-1", "4"])
+def test_an_sde_window_outside_the_trainable_steps_is_one_line_exit_2(tmp_path, capsys, value):
+    assert run_main(tmp_path, "--tiny", "--num-inference-steps", "4", "--sde-window", value) == 2
+    assert "--sde-window must be in [0, 3]" in capsys.readouterr().err
