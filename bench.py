@@ -263,6 +263,40 @@ def trained_like(*modules, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------
+FAST_RECIPES = {"default (the paper's method)": [], "--timestep-fraction 0.25": ["--timestep-fraction", "0.25"],
+                "--sde-window 2": ["--sde-window", "2"], "--sde-window 4": ["--sde-window", "4"]}
+EFFECTIVE_TFLOPS = 70.0  # a 24 GB RTX 4090's bf16 at ~40% utilisation: a stated assumption, not a measurement
+
+
+def bench_flops():
+    """FLOPs of one step of the real default config and of each fast recipe, counted by torch's FLOP counter on SD
+    1.x's UNet architecture on the meta device (no memory, no arithmetic: seconds on any machine). A step samples
+    B x T CFG pairs (every step runs the UNet, deterministic or not) and trains B x K timesteps, each a forward and
+    backward pair, a checkpoint recompute and (KL on) a reference forward; decoding and the reward are ~0.1%."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        x, t, c = torch.randn(2, 4, 64, 64), torch.tensor([500, 500]), torch.randn(2, 77, 768)
+    with FlopCounterMode(display=False) as forward:
+        unet(x, t, c)
+    with FlopCounterMode(display=False) as both:
+        unet(x, t, c).sample.sum().backward()
+    pair, pair_train = forward.get_total_flops(), both.get_total_flops()
+    rows = []
+    for name, argv in FAST_RECIPES.items():
+        a = sd.parse_args(argv)
+        B, T, K = a.prompts_per_step * a.group_size, a.num_inference_steps, sd.trained_timesteps(a)
+        per_timestep = pair_train + pair * (a.gradient_checkpointing + (a.kl_coef > 0))
+        flops = B * T * pair + B * K * per_timestep
+        hours = {n: n * flops / (EFFECTIVE_TFLOPS * 1e12) / 3600 for n in (300, 2400)}
+        rows.append(dict(recipe=name, trained_timesteps=K, flops=flops, hours_300=hours[300], hours_2400=hours[2400]))
+    for r in rows:
+        r["fraction_of_default"] = r["flops"] / rows[0]["flops"]
+    return dict(cfg_pair_forward=pair, cfg_pair_forward_backward=pair_train, effective_tflops=EFFECTIVE_TFLOPS,
+                rows=rows)
+
+
 def memory_case(case, full_size, device):
     """Run in a fresh process: peak memory of one training micro-step (1 trajectory: a CFG pair of 2)."""
     lora, ckpt = case.startswith("lora"), case.endswith("ckpt")
@@ -450,6 +484,13 @@ def gpu_check(args, device):
           f"{record['optimizer_state_gib']:.2f} GiB, created before the step: {record['optimizer_state_before_step']}",
           flush=True)
     passed = all(ok for _, ok, _ in checks)
+    fast, _ = check_step(models, full, device, default + ["--sde-window", "2"])  # fast mode beside the default
+    fast["seconds_train"] *= scale
+    fast["seconds"] = sum(fast[k] for k in fast if k.startswith("seconds_"))
+    result["fast_sde_window_2"] = fast
+    report_checks(result, [], args.out)
+    print(f"INFO  --sde-window 2 step: {fast['seconds']:.1f} s beside the default's {row['seconds']:.1f} s "
+          f"({fast['seconds'] / row['seconds']:.2f}x)", flush=True)
     if not all(ok for _, ok, _ in checks[:2]):  # the ratio is not 1: is it the batch shape, and does recompute fix it?
         say("the ratio is not 1 before any update: a same-shape control and the recompute fallback (8 trajectories)")
         small = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8"] + quick
@@ -528,6 +569,14 @@ def report(r):
           f"(static {sum(mem['static_gib'].values()):.1f} GiB + 2 x {mem['activations_per_trajectory_gib']:.2f} GiB "
           "activations); "
           f"largest micro-batch {mem['largest_micro_batch_24gb']}")
+    fl = r["flops"]
+    p(f"flops    SD 1.x UNet, one CFG pair at 512 px: forward {fl['cfg_pair_forward'] / 1e12:.2f} TFLOP, forward + "
+      f"backward {fl['cfg_pair_forward_backward'] / 1e12:.2f}; hours at an assumed {fl['effective_tflops']:.0f} "
+      "TFLOP/s")
+    for row in fl["rows"]:
+        p(f"flops    {row['recipe']:30s} {row['trained_timesteps']:2d} trained timesteps: {row['flops'] / 1e15:5.1f} "
+          "PFLOP per step ({100 * row['fraction_of_default']:5.1f}% of the default) | --steps 300: "
+          f"{row['hours_300']:6.1f} h | --steps 2400: {row['hours_2400']:6.1f} h")
     sc = r["scaling"]
     for row in sc["rows"]:
         p(f"scaling  G {row['group_size']:2d} T {row['steps']:2d}: {row['seconds']['median']:.3f} s, "
@@ -578,8 +627,9 @@ def main():
     r["training"] = [bench_training(m if args.full_size else sd_parts(False), args, device, res, kl)
                      for kl in ((0.01,) if slow else (0.0, 0.01))]
     r["phases"] = bench_phases() if not args.full_size else dict(seconds=None, phases={})  # tiny models only
-    say("5/5 scaling: group size and denoising steps doubled")
+    say("5/5 scaling: group size and denoising steps doubled; FLOPs per step at real scale (meta device)")
     r["scaling"] = bench_scaling(args, device)
+    r["flops"] = bench_flops()
     Path(args.out).write_text(json.dumps(r, indent=2))
     print(report(r))
 

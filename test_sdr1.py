@@ -1784,3 +1784,14 @@ def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fo
 def test_an_sde_window_outside_the_trainable_steps_is_one_line_exit_2(tmp_path, capsys, value):
     assert run_main(tmp_path, "--tiny", "--num-inference-steps", "4", "--sde-window", value) == 2
     assert "--sde-window must be in [0, 3]" in capsys.readouterr().err
+
+
+def test_flops_per_step_count_sampling_of_every_step_and_training_of_the_kept_ones():
+    r = bench.bench_flops()
+    assert r["cfg_pair_forward"] == pytest.approx(1.607e12, rel=1e-3)  # SD 1.x's UNet on a CFG pair at 512 px
+    rows = {row["recipe"]: row for row in r["rows"]}
+    default, w2 = rows["default (the paper's method)"], rows["--sde-window 2"]
+    pair, train = r["cfg_pair_forward"], r["cfg_pair_forward_backward"] + 2 * r["cfg_pair_forward"]  # ckpt + KL
+    assert default["flops"] == pytest.approx(64 * 50 * pair + 64 * 49 * train)
+    assert w2["flops"] == pytest.approx(64 * 50 * pair + 64 * 2 * train) and w2["fraction_of_default"] < 0.25
+    assert rows["--timestep-fraction 0.25"]["trained_timesteps"] == 12
