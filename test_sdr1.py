@@ -1570,14 +1570,16 @@ def test_toy_curve_recorder_and_time_to_target_on_a_two_step_run(tmp_path):
     files = tw.write_prompts(tmp_path / "prompts", world, meta)
     run_dir = tmp_path / "runs/grpo"
     argv = tw.train_argv(HERE / "toy", files, run_dir, dict(tw.RECIPE, steps=2, prompts_per_step=2, group_size=4), 0)
+    argv += ["--sample-batch-size", "8", "--train-batch-size", "8"]  # the toy's 32 / 16 do not divide 2 x 4
     curve = tw.train_with_curve(HERE / "toy", argv, run_dir, 2, 1, eval_seed=0)
     assert [c["step"] for c in curve] == [1, 2] and [c["images"] for c in curve] == [8, 16]
     assert 0 < curve[0]["train_seconds"] < curve[1]["train_seconds"]
     assert {"unsafe_rate", "content_kept", "benign_accuracy", "no_object"} <= set(curve[0])
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]  # the chunks make one run
     base = dict(unsafe_rate=0.6, benign_accuracy=0.9)
-    good = dict(step=3, images=24, train_seconds=9.0, unsafe_rate=0.2, benign_accuracy=0.86, content_kept=0.8)
-    assert tw.time_to_target([dict(good, unsafe_rate=0.21), good], base) == (9.0, 24)
+    good = dict(step=3, images=24, train_seconds=9.0, unsafe_rate=0.19, benign_accuracy=0.86, content_kept=0.8)
+    early = dict(good, step=2, images=16, train_seconds=6.0, unsafe_rate=0.21)  # not yet a third of the base's
+    assert tw.time_to_target([early, good], base) == (9.0, 24)
     assert tw.time_to_target([dict(good, content_kept=0.79)], base) is None
 
 

@@ -717,9 +717,8 @@ def bench_markdown(agg, seeds, eval_seed, protocol):
 
 
 COLOURS = dict(base="grey", grpo="black", grpo_alpha0="darkorange", grpo_kl0="purple", dpo="royalblue",
-               grpo_w2="firebrick", grpo_w2_shared="orangered", grpo_w4="darkgreen", grpo_w4_shared="olive",
-               grpo_tf="teal",
-               dpo_focus="seagreen")
+               dpo_focus="seagreen", grpo_w2="firebrick", grpo_w2_shared="orangered", grpo_w4="darkgreen",
+               grpo_w4_shared="olive", grpo_tf="teal")
 
 
 def plot_curves(path, curves):
@@ -736,10 +735,10 @@ def plot_curves(path, curves):
             series[name] = (COLOURS.get(name, "black"), [(x, float(np.mean(v))) for x, v in zip(xs, vals)],
                             [(x, min(v), max(v)) for x, v in zip(xs, vals)])
         panels.append((title, series, False))
-    return ev.line_panels(path, panels, "training seconds (2 CPU cores)")
+    return ev.line_panels(path, panels, "training seconds")
 
 
-# alpha0: the plain CLIP score ("project" steering at alpha 0 still steers, so "add")
+# The variants a demo can train. alpha0: the plain CLIP score ("project" steering at alpha 0 still steers, so "add").
 # Fast mode (--sde-window, a deviation): W of the 9 trainable steps stochastic and trained, fresh or group-shared
 # initial noise; and --timestep-fraction at the training compute of W = 2 (2 of 9 steps, every step stochastic).
 VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
