@@ -792,12 +792,13 @@ def line_panels(path, panels, xlabel, width=480, height=320):
         for t in xticks:
             draw.text((to_px(t, y0)[0] - 10, py1 + 4), f"{t:g}", fill="dimgrey", font=font)
         draw.text(((px0 + px1) / 2 - 30, py1 + 20), xlabel, fill="dimgrey", font=font)
-        for i, (k, (colour, _, _)) in enumerate(series.items()):
+        for k, (colour, _, _) in series.items():  # every band first, so no band hides another series' line
             band = bands[k]
             if len(band) > 1:  # shaded: the polygon along the highs, back along the lows
                 shade = tuple(int(c + (255 - c) * 0.8) for c in ImageColor.getrgb(colour))
                 draw.polygon([to_px(x, hi) for x, _, hi in band] + [to_px(x, lo) for x, lo, _ in band[::-1]],
                              fill=shade)
+        for i, (k, (colour, _, _)) in enumerate(series.items()):
             if len(pts[k]) > 1:
                 draw.line([to_px(x, y) for x, y in pts[k]], fill=colour, width=2)
             draw.line([(px0 + 150 * i, height - 12), (px0 + 150 * i + 14, height - 12)], fill=colour, width=3)
