@@ -322,7 +322,8 @@ def load_sd(model):
                      unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
                      scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler"))
     except (OSError, ValueError) as e:  # missing files, or not in the cache while the hub is unreachable
-        if not Path(model).exists() and Path(model.split("/")[0]).is_dir():  # e.g. models/sd-v1-4 under ./models
+        first = model.split("/")[0]
+        if first and not Path(model).exists() and Path(first).is_dir():  # e.g. models/sd-v1-4 under ./models
             raise UsageError(f"--model {model}: no such folder (and no hub model of that name in the cache)") from None
         if Path(model).exists() or model.startswith((".", "/", "~")):
             raise UsageError(f"--model {model}: not a diffusers SD 1.x folder (needs unet/, vae/, text_encoder/, "
@@ -865,9 +866,6 @@ def plan_run(args):
             name = runs[0]
         run_dir = out / name
         candidates = complete_checkpoints(run_dir)
-        if not candidates and args.resume == "latest":
-            raise UsageError(f"--resume latest: no complete checkpoint in {run_dir} (--resume auto starts a run fresh "
-                             "when it has none)")
     elif args.resume:
         path = Path(args.resume)
         if not (path / "weights.safetensors").is_file() or not (path / "state.pt").is_file():
@@ -883,7 +881,10 @@ def plan_run(args):
                              f"{run_dir.name}, or start a new one under another --run-name")
     if run_dir.exists() and not os.access(run_dir, os.W_OK | os.X_OK):
         raise UsageError(f"run folder {run_dir} is not writable")
-    lock_run(run_dir, check_only=True)
+    lock_run(run_dir, check_only=True)  # a live run first: its first checkpoint may not be written yet
+    if not candidates and args.resume == "latest":
+        raise UsageError(f"--resume latest: no complete checkpoint in {run_dir} (--resume auto starts a run fresh when "
+                         "it has none)")
     changes = {}
     if candidates:
         done = checkpoint_step(candidates[0]) if candidates[0].name[len("checkpoint-"):].isdigit() else 0
@@ -1409,10 +1410,6 @@ def setup_run(args, reward_fn, models, update):
         reward_fn = make_steering_reward_fn(models["reward_model"], models["reward_tokenizer"], *anchors,
                                             args.alpha, args.steering)
     say = print if rank == 0 else (lambda *a, **k: None)
-    lock, took_over = None, ""
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock, took_over = lock_run(run_dir)
     # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
     # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
     resume, start = resume_newest(candidates, policy, gen, args, rank)
@@ -1425,8 +1422,15 @@ def setup_run(args, reward_fn, models, update):
     if too_long:
         warnings.warn(f"{too_long} of the {len(negatives + positives)} prompts are longer than {limit} tokens: "
                       "they are truncated, as diffusers does")
-    if rank == 0:
-        open_run_dir(run_dir, args, start, changes)
+    lock, took_over = None, ""
+    if rank == 0:  # the lock from the first write on; train() lets go of it however the run ends
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock, took_over = lock_run(run_dir)
+        try:
+            open_run_dir(run_dir, args, start, changes)
+        except BaseException:
+            release_lock(lock)
+            raise
     say(f"run folder: {run_dir}" + (f" | took over the lock of {took_over}: that process is gone" if took_over else "")
         + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else "")
         + "".join(f" | {k} {a} -> {b}" for k, (a, b) in changes.items()))
@@ -1452,14 +1456,13 @@ def train(args, reward_fn=None, models=None, update=None):
     P, G, S = args.prompts_per_step, args.group_size, args.sample_batch_size
     n_neg, B = round(P * args.negative_fraction), P * G
     latent_shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
-    if rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
-        sample_grid(run.run_dir / "samples_000000.png", policy, models, *run.grid, args, 0)
-
     from tqdm import tqdm  # the bar only on a terminal: in a file its carriage returns would garble the step lines
     bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps, desc="steps", dynamic_ncols=True,
                disable=rank > 0 or not sys.stderr.isatty())
     bad_steps = 0
     try:
+        if rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
+            sample_grid(run.run_dir / "samples_000000.png", policy, models, *run.grid, args, 0)
         with stop_signals(run.say, policy) as stop:
             for step in bar:
                 stop.step, stop.step_start, policy.weights_moved = step, gen.get_state(), False
@@ -1559,9 +1562,11 @@ def main(argv=None, args_class=Args, update=None):
         print(f"error: {MEMORY_HINT if isinstance(e, torch.cuda.OutOfMemoryError) else e}", file=sys.stderr)
         sys.exit(1)
     except RunInterrupted as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting would print a traceback
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("interrupted at once (second Ctrl-C): the newest checkpoint is intact; continue with --resume latest",
               file=sys.stderr)
         sys.exit(130)

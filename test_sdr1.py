@@ -904,7 +904,7 @@ def test_plot_draws_training_curves(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ev.main(["--plot", str(tmp_path)])
     from PIL import Image
-    assert Image.open(tmp_path / "curves.png").size == (1440, 320)
+    assert Image.open(tmp_path / "curves.png").size == (1920, 320)  # reward, KL, approx_kl (log), clipfrac
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1035,7 +1035,11 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path, capsys):
     run_dir = sd.train(small_args(tmp_path, "--steps", "1", "--save-every", "1"), reward_fn=brightness)
     ckpt = run_dir / "checkpoints/checkpoint-000001"
     assert run_main(tmp_path / "x", *SMALL, "--lora-rank", "4", "--resume", str(ckpt)) == 2  # full vs LoRA
-    assert "do not match this model" in capsys.readouterr().err
+    assert "--lora-rank 4: the run" in capsys.readouterr().err  # refused from args.json, before any model loads
+    (run_dir / "args.json").unlink()  # a checkpoint copied without its run's record: the weights tell
+    assert run_main(tmp_path / "x", *SMALL, "--lora-rank", "4", "--resume", str(ckpt)) == 2
+    err = capsys.readouterr().err
+    assert "do not match this model" in err and "trying the next" not in err
     (ckpt / "state.pt").write_bytes(b"not a checkpoint")
     assert run_main(tmp_path / "y", *SMALL, "--resume", str(ckpt)) == 2
     assert "cannot load checkpoint" in capsys.readouterr().err
@@ -1406,7 +1410,7 @@ def test_a_live_runs_folder_is_locked_and_a_dead_runs_lock_is_taken_over(tmp_pat
     proc = start_run(argv)
     run_dir = tmp_path / "runs/L"
     try:
-        wait_for_rows(run_dir, 1, proc)
+        wait_for_rows(run_dir, 2, proc)  # row 2 is written after checkpoint 1: resume has something to load
         with pytest.raises(sd.UsageError, match=f"in use \\(pid {proc.pid} on"):
             sd.plan_run(sd.parse_args(argv[:-4] + ["--steps", "600", "--output-dir", str(tmp_path / "runs"),
                                                    "--run-name", "L", "--resume", "latest"]))
