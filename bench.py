@@ -464,13 +464,11 @@ def gpu_check(args, device):
     models = sd_parts(full)  # random weights in the real architectures (tiny ones with --tiny)
     trained_like(models["unet"], models["vae"], models["text_encoder"], models["reward_model"])
     T = 8 if args.tiny else 50  # denoising steps of the check's config (tiny defaults / the default)
-    quick = ["--timestep-fraction", "0.05"] * args.quick
     trained = max(1, int((T - 1) * 0.05)) if args.quick else T - 1
     scale = (T - 1) / trained  # the TRAIN time of all T - 1 timesteps
-    default = ["--prompts-per-step", "4", "--group-size", "16", "--sample-batch-size", "8", "--train-batch-size", "2",
-               "--gradient-accumulation-steps", "32"] + quick
+    steps = check_settings(args.quick)
     say(f"models built; one step of the default shape ({trained} of {T - 1} timesteps trained)")
-    row, record = check_step(models, full, device, default)
+    row, record = check_step(models, full, device, steps["default"])
     row["seconds_train"] *= scale
     row["seconds"] = sum(row[k] for k in row if k.startswith("seconds_"))
     checks = ratio_checks(row, CLIP_RANGE) + [
@@ -484,25 +482,33 @@ def gpu_check(args, device):
           f"{record['optimizer_state_gib']:.2f} GiB, created before the step: {record['optimizer_state_before_step']}",
           flush=True)
     passed = all(ok for _, ok, _ in checks)
-    fast, _ = check_step(models, full, device, default + ["--sde-window", "2"])  # fast mode beside the default
-    fast["seconds_train"] *= scale
-    fast["seconds"] = sum(fast[k] for k in fast if k.startswith("seconds_"))
+    if not all(ok for _, ok, _ in checks[:2]):  # the ratio is not 1: is it the batch shape, and does recompute fix it?
+        say("the ratio is not 1 before any update: a same-shape control and the recompute fallback (8 trajectories)")
+        same, _ = check_step(models, full, device, steps["control"])
+        fixed, _ = check_step(models, full, device, steps["fallback"], recompute=True)
+        more = (ratio_checks(same, CLIP_RANGE, "control, trained at the sampling batch shape: ")
+                + ratio_checks(fixed, CLIP_RANGE, "fallback, old log-probs recomputed at the training shape: "))
+        result.update(control_same_shape=same, fallback_recompute=fixed)
+        report_checks(result, more, args.out)
+    fast, _ = check_step(models, full, device, steps["fast"])  # fast mode beside the default: its whole window
     result["fast_sde_window_2"] = fast
     report_checks(result, [], args.out)
     print(f"INFO  --sde-window 2 step: {fast['seconds']:.1f} s beside the default's {row['seconds']:.1f} s "
           f"({fast['seconds'] / row['seconds']:.2f}x)", flush=True)
-    if not all(ok for _, ok, _ in checks[:2]):  # the ratio is not 1: is it the batch shape, and does recompute fix it?
-        say("the ratio is not 1 before any update: a same-shape control and the recompute fallback (8 trajectories)")
-        small = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8"] + quick
-        same, _ = check_step(models, full, device, small + ["--train-batch-size", "8"])
-        fixed, _ = check_step(models, full, device, small + ["--train-batch-size", "2",
-                                                             "--gradient-accumulation-steps", "4"], recompute=True)
-        checks += ratio_checks(same, CLIP_RANGE, "control, trained at the sampling batch shape: ")
-        checks += ratio_checks(fixed, CLIP_RANGE, "fallback, old log-probs recomputed at the training shape: ")
-        result.update(control_same_shape=same, fallback_recompute=fixed)
-        report_checks(result, checks[4:], args.out)
     print(f"wrote {args.out}" + ("" if full else "  (TINY models: mechanics only, not the GPU figures)"))
     return passed
+
+
+def check_settings(quick=False):
+    """The flags of each step the GPU check runs (on top of the defaults, or of --tiny's): the default's shape with one
+    optimizer step; fast mode's (its 2-step window trained whole); and the two 8-trajectory diagnostics."""
+    default = ["--prompts-per-step", "4", "--group-size", "16", "--sample-batch-size", "8", "--train-batch-size", "2",
+               "--gradient-accumulation-steps", "32"]
+    quick = ["--timestep-fraction", "0.05"] * quick
+    small = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8"] + quick
+    return dict(default=default + quick, fast=default + ["--sde-window", "2"],
+                control=small + ["--train-batch-size", "8", "--gradient-accumulation-steps", "1"],
+                fallback=small + ["--train-batch-size", "2", "--gradient-accumulation-steps", "4"])
 
 
 def report_checks(result, checks, out):

@@ -1107,6 +1107,13 @@ def test_gpu_check_runs_the_same_shape_control_and_the_recompute_fallback_when_t
     assert all(c["passed"] for c in result["checks"][4:])  # on the CPU both are exact
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_step_the_gpu_check_runs_is_a_valid_full_size_config(quick):
+    """The CPU tests run the check with --tiny, whose defaults could hide a flag error of the real-size config."""
+    for name, argv in bench.check_settings(quick).items():
+        sd.check_args(sd.parse_args(argv + ["--device", "cpu"]))  # raises UsageError on a bad combination
+
+
 def test_recomputed_old_log_probs_make_the_ratio_exactly_one_at_the_training_shape():
     policy, args = tiny_policy("--num-inference-steps", "4", "--train-batch-size", "2",
                                "--gradient-accumulation-steps", "4", "--clip-range", "1e-9")
