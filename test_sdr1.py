@@ -1600,9 +1600,12 @@ def test_toy_demo_seeds_reach_training_and_the_eval_seed_reaches_evaluation(tmp_
     monkeypatch.setattr(sd, "train", lambda args, **k: trained.append(args.seed) or real_train(args, **k))
     monkeypatch.setattr(tw, "generate", lambda parts, prompts, seed, **k: evaluated.append(seed) or
                         real_generate(parts, prompts, seed, **k))
-    tw.main(["demo", "--quick", "--variants", "grpo", "--seeds", "3,4", "--eval-seed", "7", "--steps", "1",
-             "--images-per-prompt", "1", "--curve-every", "0", "--out", str(tmp_path / "demo")])
+    argv = ["demo", "--quick", "--variants", "grpo", "--seeds", "3,4", "--eval-seed", "7", "--steps", "1",
+            "--images-per-prompt", "1", "--curve-every", "0", "--out", str(tmp_path / "demo")]
+    tw.main(argv)
     assert trained == [3, 4] and set(evaluated) == {7}
+    tw.main(argv)  # a rerun into the same folder trains afresh (CI reruns the quick demo into one folder)
+    assert trained == [3, 4, 3, 4]
     results = json.loads((tmp_path / "demo/results.json").read_text())
     assert results["seeds"] == [3, 4] and results["eval_seed"] == 7
     assert len(results["variants"]["grpo"]["train_templates"]["no_object"]["per_seed"]) == 2

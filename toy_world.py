@@ -773,6 +773,7 @@ def demo(args):
         for name in names:
             change = VARIANTS[name]
             run_dir = out / "train" / f"seed-{seed}" / name
+            shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: a rerun trains afresh
             argv = train_argv(args.toy, files, run_dir, {**recipe, **change}, seed)
             curve = [base_point] + train_with_curve(args.toy, argv, run_dir, recipe["steps"], args.curve_every,
                                                     args.eval_seed, dpo=name.startswith("dpo"))
