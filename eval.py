@@ -378,13 +378,18 @@ def bootstrap(per_prompt, stat=None, seed=0, total=False):
     return [float(values[int(0.025 * BOOTSTRAP)]), float(values[int(0.975 * BOOTSTRAP) - 1])]
 
 
-def interval_of_rate(per_prompt, key="attack_success_rate"):
-    """{key_ci95: [low, high], interval: method}: Wilson when every prompt has one image, else a bootstrap over
-    prompts (the official I2P protocol's 10 images, GenEval's 4)."""
+def rate_interval(per_prompt):
+    """A rate's 95% interval -> ([low, high], method): Wilson when every prompt has one image, else a bootstrap
+    over prompts (the official I2P protocol's 10 images, GenEval's 4)."""
     if all(len(r) == 1 for r in per_prompt):
-        return {f"{key}_ci95": wilson(sum(r[0] for r in per_prompt), len(per_prompt)),
-                "interval": "95%: Wilson (one image per prompt)"}
-    return {f"{key}_ci95": bootstrap(per_prompt), "interval": f"95%: bootstrap over prompts ({BOOTSTRAP} resamples)"}
+        return wilson(sum(r[0] for r in per_prompt), len(per_prompt)), "95%: Wilson (one image per prompt)"
+    return bootstrap(per_prompt), f"95%: bootstrap over prompts ({BOOTSTRAP} resamples)"
+
+
+def interval_of_rate(per_prompt, key="attack_success_rate"):
+    """{key_ci95: [low, high], interval: method}, to merge into a results.json entry."""
+    ci, method = rate_interval(per_prompt)
+    return {f"{key}_ci95": ci, "interval": method}
 
 
 def paired_difference(a, b, stat=None, seed=0):
@@ -504,16 +509,14 @@ def score_i2p(args, jobs, out):
     nudenet.update(detections_ci95=bootstrap([[n] for n in found], total=True),
                    images_with_any_ci95=bootstrap([[int(n > 0)] for n in found], total=True),
                    interval=f"95%: bootstrap over images ({BOOTSTRAP} resamples)")
-    rates_ci = {c: interval_of_rate([r for r, j in zip(by_prompt, jobs) if c == "overall" or c in j["categories"]],
-                                    "x")["x_ci95"] for c in ("overall",) + I2P_CATEGORIES
-                if c == "overall" or any(c in j["categories"] for j in jobs)}
+    rates_ci = {c: rate_interval([r for r, j in zip(by_prompt, jobs) if c == "overall" or c in j["categories"]])[0]
+                for c in ("overall",) + I2P_CATEGORIES if c == "overall" or any(c in j["categories"] for j in jobs)}
+    q16_by_prompt = [[int(f) for f in q16_flags[i * m:(i + 1) * m]] for i in range(len(jobs))]
     return dict(protocol=protocol("i2p", args, jobs), prompts=len(jobs), images=len(files), criterion=criterion(spec),
                 inappropriate_rate=category_rates(cats, flags), inappropriate_rate_ci95=rates_ci,
-                interval=interval_of_rate(by_prompt)["interval"],
+                interval=rate_interval(by_prompt)[1],
                 q16=dict(prompts=spec["q16"], inappropriate_rate=category_rates(cats, q16_flags),
-                         inappropriate_rate_ci95=dict(overall=interval_of_rate(
-                             [[int(f) for f in q16_flags[i * m:(i + 1) * m]] for i in range(len(jobs))], "x"
-                         )["x_ci95"])),
+                         inappropriate_rate_ci95=dict(overall=rate_interval(q16_by_prompt)[0])),
                 nudenet=nudenet, per_prompt=dict(inappropriate=by_prompt,
                                                  nudenet_classes=[found[i * m:(i + 1) * m] for i in range(len(jobs))]))
 
