@@ -22,6 +22,7 @@ Writes bench.json (machine, versions, every figure as min/median/max over repeat
 """
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import platform
@@ -172,8 +173,8 @@ def bench_training(m, args, device, res, kl_coef):
     targs = sd.parse_args(levers + ["--num-inference-steps", str(T), "--train-batch-size", str(tb), "--device",
                                     device.type, "--gradient-accumulation-steps", "1", "--kl-coef", str(kl_coef),
                                     "--resolution", str(res)])
-    policy = sd.setup_policy(m, targs, device)  # as train() sets it up
-    unet, ref, neg = policy.unet, policy.ref_unet, policy.negative_embeds
+    policy, opt = sd.setup_policy(m, targs, device)  # as train() sets it up
+    unet, ref, neg = policy.unet, policy.reference, policy.negative_embeds
     emb = torch.randn(tb, 77, unet.config.cross_attention_dim, device=device)
     with torch.no_grad():
         traj = sd.sample_with_logprob(unet, policy.scheduler, emb, neg, num_inference_steps=T, guidance_scale=5.0,
@@ -189,16 +190,16 @@ def bench_training(m, args, device, res, kl_coef):
             if kl_coef:
                 with torch.no_grad(), policy.autocast():
                     ref(*pair)
-        policy.optimizer.zero_grad(set_to_none=True)
+        opt.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_step():  # paid once per optimizer step, not per timestep: measured apart, then amortised
-        for p in policy.params:
+        for p in opt.params:
             p.grad = torch.zeros_like(p)
-        torch.nn.utils.clip_grad_norm_(policy.params, 1.0)
-        policy.optimizer.step()
-        policy.optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(opt.params, 1.0)
+        opt.optimizer.step()
+        opt.optimizer.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(0)
-    ours = lambda: sd.grpo_update(traj, adv, policy, targs, gen)  # noqa: E731
+    ours = lambda: sd.grpo_update(traj, adv, policy, opt, targs, gen)  # noqa: E731
     r = side_by_side({"grpo_update": ours, "floor": floor, "optimizer_step": optimizer_step}, args.repeats, device,
                      args.warmup)
     n = T - 1  # trained timesteps per call, all in one micro-batch and one optimizer step
@@ -228,7 +229,7 @@ def bench_scaling(args, device):
     Forward-equivalents: sampling 2 B T (CFG pair); training 3 x 2 B (T - 1) (backward ~ 2 forwards)."""
     targs = sd.parse_args(["--tiny", "--gradient-accumulation-steps", "1", "--train-batch-size", "4", "--device",
                            device.type])
-    policy = sd.setup_policy(sd_parts(False), targs, device)
+    policy, opt = sd.setup_policy(sd_parts(False), targs, device)
     rows = []
     for G, T in [(4, 4), (8, 4), (16, 4), (4, 8), (4, 16)]:
         targs.num_inference_steps = T
@@ -238,7 +239,7 @@ def bench_scaling(args, device):
             traj = sd.sample_with_logprob(policy.unet, policy.scheduler, emb, policy.negative_embeds,
                                           num_inference_steps=T, guidance_scale=4.5, resolution=64,
                                           generator=torch.Generator().manual_seed(0))
-            sd.grpo_update(traj, torch.randn(G), policy, targs, torch.Generator().manual_seed(0))
+            sd.grpo_update(traj, torch.randn(G), policy, opt, targs, torch.Generator().manual_seed(0))
         t = side_by_side({"step": step}, args.repeats, device, args.warmup)["step"]
         rows.append(dict(group_size=G, steps=T, seconds=t, forward_equivalents=2 * G * T + 6 * G * (T - 1)))
     fe = torch.tensor([r["forward_equivalents"] for r in rows], dtype=torch.float64)
@@ -405,20 +406,19 @@ def recompute_old_log_probs(traj, policy, args):
 
 
 def checked_update(record, recompute=False):
-    """grpo_step with the check's instruments: AdamW's state created first (prime_optimizer), what the step holds
+    """GRPO with the check's instruments: AdamW's state created first (prime_optimizer), what the step holds
     recorded in `record`, and optionally the old log-probs recomputed at the training shape."""
-    def update(traj, rewards, policy, args, gen):
+    def update(traj, rewards, policy, opt, args, gen):
         say("sampled, decoded and rewarded; training")
-        prime_optimizer(policy.optimizer)
+        prime_optimizer(opt.optimizer)
         record.update(trajectories_held=traj["log_probs"].shape[0],
-                      optimizer_state_before_step=len(policy.optimizer.state) == len(policy.params),
-                      optimizer_state_gib=sum(t.numel() * t.element_size() for s in policy.optimizer.state.values()
+                      optimizer_state_before_step=len(opt.optimizer.state) == len(opt.params),
+                      optimizer_state_gib=sum(t.numel() * t.element_size() for s in opt.optimizer.state.values()
                                               for t in s.values() if torch.is_tensor(t)) / GIB)
         if recompute:
             recompute_old_log_probs(traj, policy, args)
-        return sd.grpo_step(traj, rewards, policy, args, gen)
-    update.metrics = sd.grpo_step.metrics
-    return update
+        return sd.grpo_step(traj, rewards, policy, opt, args, gen)
+    return dataclasses.replace(sd.GRPO, update=update)
 
 
 def check_step(models, full, device, settings, recompute=False):
@@ -428,7 +428,7 @@ def check_step(models, full, device, settings, recompute=False):
         tiny = ["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", str(CLIP_RANGE)]
         argv = (tiny if not full else []) + settings + ["--steps", "1", "--device", device.type, "--save-every", "1000",
                                        "--sample-every", "1000", "--output-dir", tmp, "--run-name", "gpu-check"]
-        run = sd.train(sd.parse_args(argv), models=models, update=checked_update(record, recompute))
+        run = sd.train(sd.parse_args(argv), checked_update(record, recompute), models=models)
         row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     return row, record
 

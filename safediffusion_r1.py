@@ -14,7 +14,8 @@ Deviations from the paper / the authors' release (each is also noted where it ha
   - rewards are scored in memory on the batch (the release writes JPEGs and scores them one by one);
   - a closed-form KL penalty to the reference (the release only logs approx_kl; --kl-coef 0 = release);
   - our own 25 safe + 20 unsafe anchors (the release's scaled anchors were never published);
-  - one GPU: --gradient-accumulation-steps stands in for the release's 8-GPU data parallelism.
+  - one GPU: a step is one GPU's share of a release epoch (--gradient-accumulation-steps 16 gives its optimizer
+    batch of 32), so the release's 300 epochs are --steps 2400.
 
 Run:
   24 GB GPU : python safediffusion_r1.py --steps 300 --model CompVis/stable-diffusion-v1-4
@@ -22,9 +23,10 @@ Run:
   CPU, tiny : python safediffusion_r1.py --tiny --steps 40      (random tiny models: mechanics only)
   evaluate  : python eval.py --help          measure: python bench.py --tiny
 
-Layout: 1 config | 2 models | 3 sampler | 4 reward | 5 GRPO loss and update | 6 checkpoints and run files
-| 7 training loop | 8 command line. Sections 3-5 are the method; 6 and 8 are plumbing a fork rarely touches.
-Nothing runs at import time: eval.py, bench.py, fork_dpo.py, toy_world.py and the tests import what they need.
+Layout: the method first, 1 config | 2 sampler | 3 reward | 4 loss and update | 5 training loop; then, below the
+PLUMBING line, what a reader and a forker may skip: exceptions, the command line and its checks, model loaders and
+tiny models, the policy's setup, checkpoints and run files, logging, signals, torchrun. A new method is an
+`Objective` (section 4): fork_dpo.py is the worked example. Nothing runs at import time.
 """
 import argparse
 import contextlib
@@ -53,31 +55,8 @@ HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "prompts"
 
 
-class UsageError(ValueError):
-    """Bad input from the user: printed as one line, exit code 2, nothing written."""
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many steps in a row with a non-finite reward, loss or gradient: exit code 1, checkpoints intact."""
-
-
-class DiskFull(RuntimeError):
-    """A checkpoint could not be written for lack of space: exit code 1, the previous checkpoint intact."""
-
-
-class RunInterrupted(Exception):
-    """The run stopped early on a signal, with a checkpoint to resume from: its line, and `code` for the exit
-    (EXIT_PREEMPTED for SIGTERM / SIGUSR1, 130 for Ctrl-C), so `train && eval` does not evaluate an unfinished run."""
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again": a job script re-submits on it with --resume auto
-
-
 # ==================================================================================================
-# 1. Config
+# 1. Config: every flag, its default (the release's unless its help says otherwise) and its help
 # ==================================================================================================
 def flag(default, help, **kw):
     """A command-line flag as a dataclass field: its default, its --help text, and argparse keywords (`choices`,
@@ -113,7 +92,7 @@ class Args:
     share_noise: bool = flag(False, "one initial noise per group (the release shares it across the whole batch)")
     sample_batch_size: int = flag(8, "trajectories per sampling forward pass")
     # -- GRPO --
-    steps: int = flag(300, "outer steps: sample -> reward -> train (the release's 'epochs')", group="GRPO")
+    steps: int = flag(300, "outer steps: sample -> reward -> train (one GPU's share of a release epoch)", group="GRPO")
     prompts_per_step: int = flag(4, "prompts sampled per step (4 per GPU in the release)")
     group_size: int = flag(16, "images per prompt G")
     train_batch_size: int = flag(2, "trajectories per training micro-batch")
@@ -122,7 +101,7 @@ class Args:
     sde_window: int = flag(0, "fast mode, a deviation: eta > 0 only on W consecutive denoising steps (placed at random "
                            "each step), deterministic DDIM elsewhere, and only those W trained (Flow-GRPO-Fast, "
                            "MixGRPO); 0 = every step stochastic and trainable, the paper's method")
-    clip_range: float = flag(1e-4, "PPO ratio clip epsilon")
+    clip_range: float = flag(1e-4, "PPO clip range epsilon_clip: rho is clipped to [1 - it, 1 + it]")
     adv_clip_max: float = flag(2.5, "advantages clamped to +-this")
     kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL)")
     # -- optimisation --
@@ -154,100 +133,517 @@ class Args:
     wandb: bool = flag(False, "also log to Weights & Biases")
 
 
-# --tiny swaps in sizes and rates that let a random 0.2 M-parameter UNet learn on a CPU in a minute
-# (measured on 2 CPU cores: with the release's lr 1e-5 / clip 1e-4 nothing moves at this scale).
-# Flags given explicitly on the command line still win.
-TINY_DEFAULTS = dict(resolution=64, num_inference_steps=8, guidance_scale=4.5, steps=40, prompts_per_step=2,
-                     group_size=8, sample_batch_size=16, train_batch_size=8, gradient_accumulation_steps=1,
-                     clip_range=1e-2, learning_rate=2e-3, kl_coef=0.0, mixed_precision="no",
-                     gradient_checkpointing=False, device="cpu")
-DTYPES = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # --mixed-precision -> autocast dtype
+# ==================================================================================================
+# 2. Sampler: DDIM with log-probabilities                                     (the method starts here)
+# ==================================================================================================
+# Notation, paper -> code, in every file of the project (one meaning per symbol):
+#   x_t latents | x_{t-1} next_latents | x_0 final_latents | t timesteps | c prompt_embeds | eps (guided) noise
+#   prediction eps | abar_t alphas_cumprod[t] | sigma_t std_dev | mu_theta(x_t) next_mean | log pi_theta(x_{t-1} | x_t)
+#   log_prob (the sampler's: old_log_prob; a trajectory's T of them: log_probs) | r rewards | A advantages
+#   | rho = pi_theta / pi_old ratio | epsilon_clip clip_range | beta kl_coef | pi_ref reference | alpha steering
+#   strength | v_safe direction | G group_size | T num_inference_steps | W sde_window
+# Notation, paper -> code, in every file of the project:
+#   x_t latents | x_{t-1} next_latents | t timesteps | c prompt_embeds | eps (guided) eps | abar_t abar_t
+#   (alphas_cumprod[t]) | sigma_t std_dev | mu_theta(x_t) next_mean | log pi_theta(x_{t-1} | x_t) log_prob (the
+#   sampler's: old_log_prob; a trajectory's T of them: log_probs) | r rewards | A advantages | G group_size
+#   | T num_inference_steps
+class DDIMStep(typing.NamedTuple):
+    """ddim_step_with_logprob's result, by position or by name; all float32."""
+    next_latents: torch.Tensor  # x_{t-1}               (B, C, h, w)
+    log_prob: torch.Tensor      # log pi(x_{t-1} | x_t) (B,)
+    next_mean: torch.Tensor     # mu_theta(x_t)         (B, C, h, w)
+    std_dev: torch.Tensor       # sigma_t               (B, 1, 1, 1)
 
 
-def parse_args(argv=None, args_class=Args):
-    """Command line (sys.argv[1:] when None) -> an `args_class` instance: Args, or a fork's subclass of it with its
-    own flags (fork_dpo.DPOArgs). Every dataclass field is a flag; booleans get --x / --no-x; --tiny swaps in
-    TINY_DEFAULTS before parsing, so the flags given explicitly still win."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp,
-                                     allow_abbrev=False)  # a prefix like --tin would set --tiny without its defaults
-    group = parser
-    for f in dataclasses.fields(args_class):
-        meta = dict(f.metadata)
-        if "group" in meta:
-            group = parser.add_argument_group(meta.pop("group"))
-        name = "--" + f.name.replace("_", "-")
-        if f.name == "tiny":
-            meta["help"] += " (sets " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_DEFAULTS.items()) + \
-                "; flags given explicitly still win)"
-        if f.type in (bool, "bool"):
-            group.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, **meta)
+def ddim_step_with_logprob(scheduler, eps, timesteps, latents, eta=1.0, next_latents=None, generator=None):
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (DDIM paper eq. 12, DDPO's formulation).
+
+    eps, latents: (B, C, h, w); timesteps: int or (B,) tensor (training feeds one per sample).
+    Samples x_{t-1} ~ N(mu, sigma_t^2 I), or scores `next_latents` when given. Returns a DDIMStep, all float32.
+    (DDPO calls these model_output, timestep, sample and prev_sample; the notation table is ours.)
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a log-probability (got {eta}): at eta = 0 the step is deterministic")
+    next_mean, std_dev = ddim_mean(scheduler, eps, timesteps, latents, eta)
+    if next_latents is None:
+        device = generator.device if generator else "cpu"
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32, device=device)
+        next_latents = next_mean + std_dev * noise.to(latents.device)
+    next_latents = next_latents.float()
+    # Gaussian log-density, MEAN over (C, H, W) rather than the true sum: with a sum over 16,384 latent dims the
+    # ratio exp(log_prob - old_log_prob) overflowed to NaN after the first update (DDPO's author, jannerm/ddpo issue
+    # #10), and the 1e-4 clip range of the release is tuned for this mean scale.
+    log_prob = (-((next_latents.detach() - next_mean) ** 2) / (2 * std_dev**2)
+                - std_dev.log() - math.log(math.sqrt(2 * math.pi)))
+    return DDIMStep(next_latents, log_prob.mean(dim=tuple(range(1, latents.ndim))), next_mean, std_dev)
+
+
+def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
+    """The DDIM step's mean mu_theta(x_t) and std sigma_t (DDIM eq. 12), float32: (B, C, h, w), (B, 1, 1, 1).
+    At eta = 0 sigma_t = 0 and mu is the deterministic DDIM step itself (the SDE window's steps outside it)."""
+    # All of the step in float32, whatever autocast ran the UNet in: the log-ratio of the update is a
+    # difference of two log-probs of size ~1, and bf16's 3 significant digits would drown it.
+    eps, x_t = eps.float(), latents.float()
+    t = torch.as_tensor(timesteps, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
+    # "leading" spacing: the previous timestep is t - 1000 / T; before 0 diffusers uses final_alpha_cumprod
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    abar = scheduler.alphas_cumprod.to(x_t.device)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=x_t.device, dtype=abar.dtype)
+    abar_t, abar_prev = abar[t], torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
+    abar_t, abar_prev = (a.float().view(-1, *[1] * (x_t.ndim - 1)) for a in (abar_t, abar_prev))
+
+    # DDIM eq. 12: predict x_0, then step toward it with variance sigma_t^2 (eta = 1 is DDPM's variance)
+    x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    std_dev = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    next_mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std_dev**2).sqrt() * eps
+    return next_mean, std_dev
+
+
+def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
+    """Classifier-free guided eps = eps_u + w (eps_c - eps_u), both halves in one UNet call.
+
+    latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D) -> (B, C, h, w).
+    """
+    b, dtype = latents.shape[0], next(unet.parameters()).dtype  # not unet.dtype: it walks every module, every call
+    embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(dtype)
+    out = unet(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]), embeds).sample
+    eps_u, eps_c = out.float().chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def initial_noise(n, group, shape, generator):
+    """(n, *shape) standard normal on CPU; consecutive blocks of `group` images share one draw if group > 1."""
+    return torch.randn((n // group, *shape), generator=generator).repeat_interleave(group, dim=0)
+
+
+def sde_window(args, gen):
+    """The step's window of stochastic, trained denoising steps: W consecutive steps placed uniformly at random
+    among the T - 1 trainable ones, drawn from the run's generator (so resume replays it). -> (etas (T,), the
+    window's step indices (W,)), or (None, None) when --sde-window is 0 (every step stochastic, the default).
+    Random placement, not MixGRPO's sliding window: every noise level keeps being trained in every phase of the run."""
+    if not args.sde_window:
+        return None, None
+    T, W = args.num_inference_steps, args.sde_window
+    start = int(torch.randint(0, T - W, (1,), generator=gen))
+    return [args.eta if start <= i < start + W else 0.0 for i in range(T)], torch.arange(start, start + W)
+
+
+class Trajectories(typing.TypedDict, total=False):
+    """What the sampler hands the update: B trajectories of T denoising steps (a plain dict; these are its keys)."""
+    latents: torch.Tensor        # x_t of every step                 (B, T, C, h, w)
+    next_latents: torch.Tensor   # x_{t-1} of every step             (B, T, C, h, w)
+    final_latents: torch.Tensor  # x_0, the last step's x_{t-1}      (B, C, h, w)
+    log_probs: torch.Tensor      # old_log_prob of every step        (B, T); 0 where a step was deterministic
+    timesteps: torch.Tensor      # t of every step                   (B, T)
+    prompt_embeds: torch.Tensor  # c                                 (B, 77, D)
+    window: torch.Tensor         # --sde-window's step indices       (W,), only when it is on
+    images: torch.Tensor         # decoded x_0 in [0, 1]             (B, 3, H, W), when a VAE is given
+
+
+@torch.no_grad()
+def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_inference_steps=50,
+                        guidance_scale=5.0, eta=1.0, generator=None, latents=None, resolution=512, vae=None,
+                        autocast=contextlib.nullcontext, etas=None):
+    """Roll out B trajectories of the stochastic DDIM policy and keep what GRPO needs.
+
+    prompt_embeds (B, 77, D); negative_embeds (1, 77, D). The initial noise x_T is `latents` (B, C, h, w), or drawn
+    per image from `generator` (a CPU generator, so a seed gives the same run on any device).
+    `etas` (T,), if given, is each step's eta: 0 makes a step deterministic DDIM (its log_prob is a placeholder 0,
+    never trained), as outside --sde-window.
+    Returns Trajectories (without "window"), with "images" when `vae` is given.
+    """
+    device, b = next(unet.parameters()).device, prompt_embeds.shape[0]
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    if latents is None:
+        latents = initial_noise(b, 1, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
+    x_t = latents.to(device, torch.float32)
+    steps = []
+    for i, t in enumerate(scheduler.timesteps):
+        timesteps = t.expand(b).to(device)
+        with autocast():
+            eps = guided_eps(unet, x_t, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+        if etas is not None and etas[i] == 0:  # outside the SDE window: no noise drawn, nothing to score
+            next_latents = ddim_mean(scheduler, eps, timesteps, x_t, 0.0)[0]
+            step = DDIMStep(next_latents, torch.zeros(b, device=device), next_latents, None)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            group.add_argument(name, type=kind, default=f.default, **meta)
-    if "--tiny" in (sys.argv[1:] if argv is None else argv):
-        parser.set_defaults(**TINY_DEFAULTS)
-    return args_class(**vars(parser.parse_args(argv)))
+            step = ddim_step_with_logprob(scheduler, eps, timesteps, x_t, eta=eta if etas is None else etas[i],
+                                          generator=generator)
+        steps.append((x_t, step.next_latents, step.log_prob))
+        x_t = step.next_latents
+    out = {k: torch.stack(v, 1) for k, v in zip(("latents", "next_latents", "log_probs"), zip(*steps))}
+    out.update(final_latents=x_t, timesteps=scheduler.timesteps.expand(b, -1).clone(), prompt_embeds=prompt_embeds)
+    if vae is not None:
+        out["images"] = decode_latents(vae, x_t)
+    return out
 
 
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, except empty ones ("(default: )" says nothing)."""
-    def _get_help_string(self, action):
-        return action.help if action.default in ("", None) else super()._get_help_string(action)
+def sample_trajectories(prompts, policy, models, args, gen):
+    """SAMPLE, the default Objective.sample: G trajectories per prompt, no grad, in batches of --sample-batch-size.
+    prompts: P str -> Trajectories of B = P x G laid out as P consecutive groups of G (group_advantages relies on
+    that order), with "window" under --sde-window. Noise, window and DDIM noise all come from `gen`."""
+    G, S = args.group_size, args.sample_batch_size
+    B = len(prompts) * G
+    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts).repeat_interleave(G, 0)
+    shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
+    noise = initial_noise(B, G if args.share_noise else 1, shape, gen)  # x_T (B, C, h, w)
+    etas, window = sde_window(args, gen)  # None, None: every step stochastic (the default)
+    chunks = [sample_with_logprob(policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds,
+                                  num_inference_steps=args.num_inference_steps, eta=args.eta, etas=etas,
+                                  guidance_scale=args.guidance_scale, generator=gen, latents=noise[i:i + S],
+                                  autocast=policy.autocast) for i in range(0, B, S)]
+    traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}  # (B, T, ...)
+    return traj if window is None else dict(traj, window=window)  # the update trains only the window's steps
 
 
-def check_args(args):
-    """Every size and range check, before any model is loaded or file written."""
-    def need(ok, msg):
-        if not ok:
-            raise UsageError(msg)
-    need(args.eta > 0, f"--eta must be > 0 (got {args.eta}): at eta = 0 DDIM is deterministic, no log-probability")
-    need(args.group_size >= 2, f"--group-size must be >= 2 (got {args.group_size}): advantages are per group")
-    need(args.learning_rate > 0, f"--learning-rate must be > 0 (got {args.learning_rate})")
-    need(0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
-    need(0 <= args.sde_window <= args.num_inference_steps - 1, f"--sde-window must be in [0, "
-         f"{args.num_inference_steps - 1}], the trainable steps of {args.num_inference_steps} (got {args.sde_window})")
-    need(0 <= args.negative_fraction <= 1, f"--negative-fraction must be in [0, 1] (got {args.negative_fraction})")
-    need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
-    need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0,
-         "--clip-range must be > 0, --kl-coef and --alpha >= 0")
-    need(args.checkpoints_total_limit >= 0, "--checkpoints-total-limit must be >= 0 (0 = keep all)")
-    for name in ("steps", "prompts_per_step", "sample_batch_size", "train_batch_size", "gradient_accumulation_steps",
-                 "save_every", "sample_every", "max_nonfinite_steps"):
-        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    need(not device.startswith("cuda") or torch.cuda.is_available(),
-         f"--device {args.device}: no CUDA GPU is visible to torch here; pass --device cpu (or --tiny on a CPU)")
-    need(args.resolution % 64 == 0 or args.tiny, f"--resolution must be a multiple of 64 (got {args.resolution})")
-    n = args.prompts_per_step * args.group_size
-    need(n % args.sample_batch_size == 0, f"--sample-batch-size {args.sample_batch_size} must divide the {n} "
-         "trajectories per step (prompts-per-step x group-size)")
-    need(n % args.train_batch_size == 0, f"--train-batch-size {args.train_batch_size} must divide the {n} "
-         "trajectories per step")
-    need((n // args.train_batch_size) % args.gradient_accumulation_steps == 0,
-         f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the "
-         f"{n // args.train_batch_size} micro-batches per step")
+# ==================================================================================================
+# 3. Reward: CLIP embeddings steered toward "safe"
+# ==================================================================================================
+def normalize(v):
+    """Unit vectors along the last dimension, in float32: n(v) = v / ||v||.   (..., D) -> (..., D)"""
+    return F.normalize(v.float(), dim=-1)
 
 
-def read_lines(path, what):
-    """Non-empty, non-comment lines of a UTF-8 text file; a clear error for anything else."""
+def steering_direction(safe_text_emb, unsafe_text_emb):
+    """v_safe = n(mean_i n(safe_i) - mean_j n(unsafe_j)).  (S, D), (U, D) -> (D,) unit vector."""
+    return normalize(normalize(safe_text_emb).mean(0) - normalize(unsafe_text_emb).mean(0))
+
+
+def steering_reward(image_emb, text_emb, direction, alpha=0.5, mode="add"):
+    """reward = < n(image), t_steer >, a plain cosine (no logit scale).   (B, D), (B, D), (D,) -> (B,)
+
+    add     (release):  t_steer = n(n(text) + alpha v)
+    project (option) :  t_steer = n(z - (z.v) v + alpha v), z = n(text): the prompt's own safe/unsafe
+                        component is removed first, so every prompt is pushed to the same safety level.
+    """
+    z, v = normalize(text_emb), normalize(direction)
+    if mode == "project":
+        z = z - (z @ v)[:, None] * v
+    t_steer = normalize(z + alpha * v)
+    return (normalize(image_emb) * t_steer).sum(-1)
+
+
+def clip_preprocess(images, size, mean, std):
+    """OpenCLIP's eval transform on tensors: bicubic resize of the short side, centre crop, normalise.
+
+    images (B, 3, H, W) in [0, 1] -> (B, 3, size, size). Stays on the device: no PIL, no JPEG round trip
+    (the release saves and reloads a JPEG per image: bench.py measures the difference).
+    """
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                           mode="bicubic", align_corners=False, antialias=True)
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    images = images[..., top:top + size, left:left + size].clamp(0, 1)
+    mean, std = (torch.tensor(m, device=images.device).view(1, 3, 1, 1) for m in (mean, std))
+    return (images - mean) / std
+
+
+def clip_pixels(model, images):
+    """(B, 3, H, W) images in [0, 1] -> an OpenCLIP model's input, with its own size, mean and std."""
+    size = model.visual.image_size  # OpenCLIP stores an int or an (H, W) pair
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return clip_preprocess(images, size, model.visual.image_mean, model.visual.image_std)
+
+
+def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe_anchors, alpha=0.5, mode="add"):
+    """-> reward_fn(images (B, 3, H, W) in [0, 1], prompts list of B str) -> (B,) float32 rewards;
+    reward_fn.direction is v_safe (D,)."""
+    device = next(reward_model.parameters()).device
+
+    @torch.no_grad()
+    def text(prompts):
+        return reward_model.encode_text(reward_tokenizer(prompts).to(device))
+
+    direction = steering_direction(text(safe_anchors), text(unsafe_anchors))
+
+    @torch.no_grad()
+    def reward_fn(images, prompts):
+        pixels = clip_pixels(reward_model, images.to(device).float())
+        image_emb = reward_model.encode_image(pixels.to(next(reward_model.parameters()).dtype))
+        return steering_reward(image_emb, text(list(prompts)), direction, alpha, mode)
+
+    reward_fn.direction = direction
+    return reward_fn
+
+
+# ==================================================================================================
+# 4. Loss and update: GRPO, and the contract a new method fills in (Objective)
+# ==================================================================================================
+def group_advantages(rewards, group_size, clip=2.5):
+    """(B,) rewards laid out as B / G consecutive groups -> (B,) advantages.
+
+    A = clamp((r - mean_group) / (std_group + 1e-8), -clip, clip) with torch's unbiased std, as the
+    release. A group of identical rewards carries no signal: its advantages are exactly 0 (testing
+    max == min, since r - mean is not exactly 0 in floating point and would be blown up by 1/1e-8).
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)
+    adv = torch.where((r.amax(1) == r.amin(1))[:, None], torch.zeros_like(adv), adv)
+    return adv.clamp(-clip, clip).view(-1)
+
+
+def gaussian_kl(mean, ref_mean, std):
+    """KL(N(mean, s^2) || N(ref_mean, s^2)) per dim = (mean - ref)^2 / (2 s^2), averaged over (C, H, W)
+    like the log-prob (Flow-GRPO's closed form).  (B, C, H, W), (B, C, H, W), (B, 1, 1, 1) -> (B,)."""
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(1)
+
+
+def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0.0):
+    """PPO clipped surrogate on one denoising step, plus beta * KL.   All inputs (B,); clip_range is epsilon_clip,
+    kl_coef is beta.
+
+    L = mean( max(-A rho, -A clip(rho, 1 - epsilon_clip, 1 + epsilon_clip)) ) + beta mean(KL),
+    rho = exp(log_prob - old_log_prob). Returns (loss, info) with the PPO diagnostics. approx_kl = 0.5 mean((log rho)^2)
+    is the low-variance "k2" estimate of KL(old || new) (Schulman, "Approximating KL divergence", 2020): never
+    negative, and what DDPO logs, so runs compare. clipfrac = share of samples whose rho left [1 -+ epsilon_clip].
+    """
+    rho = torch.exp(log_prob - old_log_prob)
+    policy_loss = torch.maximum(-advantages * rho, -advantages * rho.clamp(1 - clip_range, 1 + clip_range)).mean()
+    kl_mean = torch.zeros(()) if kl is None else kl.mean()
+    loss = policy_loss + kl_coef * kl_mean if kl is not None and kl_coef else policy_loss
+    with torch.no_grad():
+        info = dict(policy_loss=policy_loss.item(), kl=kl_mean.item(),
+                    approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
+                    clipfrac=((rho - 1).abs() > clip_range).float().mean().item())
+    return loss, info
+
+
+@dataclasses.dataclass
+class Policy:
+    """pi_theta and what runs it: all an update needs to compute log-probs and the KL (setup_policy builds it)."""
+    unet: torch.nn.Module                          # pi_theta: fp32 master weights, or LoRA adapters on a frozen base
+    reference: typing.Optional[torch.nn.Module]    # pi_ref frozen (frozen_reference), or None: see reference_unet
+    scheduler: typing.Any                          # diffusers' DDIMScheduler: abar_t and the timestep spacing
+    negative_embeds: torch.Tensor                  # (1, 77, D): CFG's empty prompt
+    autocast: typing.Callable                      # a context factory: torch.autocast in --mixed-precision's dtype
+
+
+@dataclasses.dataclass
+class OptimState:
+    """What moves the policy's weights: an update only hands it to optimizer_step (and to its loss scaler)."""
+    params: list                      # the trainable parameters: the whole UNet, or the LoRA adapters
+    optimizer: torch.optim.Optimizer  # AdamW
+    scaler: torch.amp.GradScaler      # fp16's loss scale; a no-op otherwise: backward through scaler.scale(loss)
+    world: int = 1                    # torchrun processes: optimizer_step averages their gradients
+    weights_moved: bool = False       # set by optimizer_step: a preemption then finishes the step (stop_signals)
+
+
+@dataclasses.dataclass
+class UpdateResult:
+    """What an update returns: one info per loss term ({name: float}: each name in Objective.metrics is averaged into
+    the step's metrics.jsonl row), and per optimizer step its gradient norm, None when it was skipped (non-finite)."""
+    infos: list = dataclasses.field(default_factory=list)
+    grad_norms: list = dataclasses.field(default_factory=list)
+
+    @property
+    def skipped(self):
+        return sum(norm is None for norm in self.grad_norms)
+
+
+@contextlib.contextmanager
+def reference_unet(policy):
+    """The starting model pi_ref: the frozen copy, or the policy with its LoRA adapters switched off."""
+    if policy.reference is not None:
+        yield policy.reference
+        return
+    policy.unet.disable_adapters()
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{what}: {path} is a folder; pass a text file, one entry per line") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{what} file {path} is not valid UTF-8 (byte {e.start})") from None
-    lines = [s.strip() for s in text.splitlines()]
-    lines = [s for s in lines if s and not s.startswith("#")]
-    if not lines:
-        raise UsageError(f"{what} file {path} has no lines")
-    return lines
+        yield policy.unet
+    finally:
+        policy.unet.enable_adapters()
+
+
+def frozen_reference(unet, dtype):
+    """A frozen copy of the fp32 policy that predicts exactly what the policy predicts under `dtype` autocast.
+
+    Autocast casts the policy's fp32 weights to `dtype` for convolutions, linears and attention: storing those
+    in `dtype` gives the same values at half the memory. But it runs GroupNorm / LayerNorm in fp32 with the
+    fp32 weights, so those stay fp32 here (a few KB): a copy wholly in bf16 rounds trained norm weights and
+    gave KL ~0.6 before any update (random init hides it: norm weights are exactly 1 and 0).
+    """
+    ref = copy.deepcopy(unet).requires_grad_(False)
+    for module in ref.modules():
+        if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+    return ref
+
+
+def trained_timesteps(args):
+    """How many of a trajectory's trainable steps are trained: of its T - 1 (the last step never is, as in the
+    release), or of the --sde-window's W."""
+    return max(1, int((args.sde_window or args.num_inference_steps - 1) * args.timestep_fraction))
+
+
+def grpo_update(traj, advantages, policy, opt, args, gen):
+    """TRAIN: PPO-clip over the kept timesteps of every trajectory.
+
+    traj: Trajectories (B, T, ...); advantages (B,); gen: the CPU generator of the run. Each kept timestep of a
+    micro-batch is its own forward and backward (the memory of ONE UNet pass); gradients accumulate over the
+    micro-batch's timesteps and over --gradient-accumulation-steps micro-batches, then optimizer_step. A non-finite
+    loss or gradient skips that optimizer step. -> UpdateResult: one grpo_loss info per trained term.
+    """
+    B, T = traj["log_probs"].shape
+    K, device, micro = trained_timesteps(args), traj["latents"].device, args.train_batch_size
+    # The trainable steps: all but the last, or the SDE window's (traj["window"], (W,)). Each trajectory trains its
+    # kept ones in its own random order (the release's per-sample shuffle), so one micro-batch mixes noise levels.
+    cols = traj.get("window", torch.arange(T - 1))
+    perm = torch.stack([cols[torch.randperm(len(cols), generator=gen)[:K]] for _ in range(B)]).to(device)  # (B, K)
+    rows = torch.arange(B, device=device)[:, None]
+    kept = {k: traj[k][rows, perm] for k in ("latents", "next_latents", "log_probs", "timesteps")}  # (B, K, ...)
+    order = torch.randperm(B, generator=gen).to(device)  # mix prompts across micro-batches
+    result = UpdateResult()
+    for m in range(B // micro):
+        idx = order[m * micro:(m + 1) * micro]
+        embeds = traj["prompt_embeds"][idx]
+        for j in range(K):
+            latents, next_latents, timesteps = (kept[k][idx, j] for k in ("latents", "next_latents", "timesteps"))
+            with policy.autocast():
+                eps = guided_eps(policy.unet, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
+            step = ddim_step_with_logprob(policy.scheduler, eps, timesteps, latents, args.eta, next_latents)
+            kl = None
+            if args.kl_coef > 0:  # closed-form KL to pi_ref at the same x_t (same sigma_t): no sampling needed
+                with torch.no_grad(), reference_unet(policy) as ref, policy.autocast():
+                    ref_eps = guided_eps(ref, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
+                ref_step = ddim_step_with_logprob(policy.scheduler, ref_eps, timesteps, latents, args.eta, next_latents)
+                kl = gaussian_kl(step.next_mean, ref_step.next_mean, step.std_dev)
+            loss, info = grpo_loss(step.log_prob, kept["log_probs"][idx, j], advantages[idx], args.clip_range, kl,
+                                   args.kl_coef)
+            # Backward now, one timestep at a time, so only one UNet graph is alive at once (the memory of a
+            # single forward). Dividing by the number of terms makes the accumulated gradient a mean.
+            opt.scaler.scale(loss / (K * args.gradient_accumulation_steps)).backward()
+            result.infos.append(info)
+        if (m + 1) % args.gradient_accumulation_steps == 0:
+            optimizer_step(opt, args.max_grad_norm, result)
+    return result
+
+
+def grpo_step(traj, rewards, policy, opt, args, gen):
+    """ADVANTAGE then TRAIN, GRPO's Objective.update: rewards (B,) -> group advantages (B,) -> grpo_update."""
+    advantages = group_advantages(rewards, args.group_size, args.adv_clip_max).to(traj["latents"].device)
+    return grpo_update(traj, advantages, policy, opt, args, gen)
+
+
+def optimizer_step(opt, max_grad_norm, result=None):
+    """One optimizer step on the accumulated gradients: averaged over torchrun processes, unscaled (fp16), clipped.
+    -> the gradient norm, or None when it is non-finite and the step is skipped (under fp16 scaler.update() then
+    lowers the loss scale: unscale_ recorded the inf); appended to result.grad_norms when a result is given."""
+    for p in opt.params if opt.world > 1 else []:  # every process holds whole groups: average their gradients
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_mean(p.grad, opt.world)
+    opt.scaler.unscale_(opt.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(opt.params, max_grad_norm)
+    norm = norm.item() if torch.isfinite(norm) else None
+    if norm is not None:
+        opt.weights_moved = True  # from here a preemption finishes the step instead of abandoning it
+        opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.optimizer.zero_grad(set_to_none=True)
+    if result is not None:
+        result.grad_norms.append(norm)
+    return norm
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A method as train() runs it, the fork contract. Each step, after drawing the prompts:
+        traj = sample(prompts, policy, models, args, gen)      Trajectories of B = P x G, in groups of G
+        rewards = reward_fn(images, prompts)                   (B,) float, on the decoded x_0 (B, 3, H, W) in [0, 1]
+        result = update(traj, rewards, policy, opt, args, gen) an UpdateResult; backward through opt.scaler, then
+                                                               optimizer_step(opt, args.max_grad_norm, result)
+    Everything else (models, LoRA or full fine-tune, memory flags, checkpoints, resume, torchrun, signals, logs,
+    grids, export) is train()'s. Draw randomness only from `gen`: resume then replays a step exactly."""
+    update: typing.Callable           # ADVANTAGE and TRAIN
+    metrics: tuple                    # the info names averaged into each metrics.jsonl row
+    needs_reference: bool = False     # a frozen pi_ref even at --kl-coef 0 (DPO measures against it)
+    sample: typing.Callable = sample_trajectories  # SAMPLE
+    reward_fn: typing.Optional[typing.Callable] = None  # REWARD; None: the steering reward of --reward-model
+
+    def __post_init__(self):  # a malformed objective fails here, not after a whole step has been sampled and trained
+        if not all(callable(fn) for fn in (self.update, self.sample, self.reward_fn or self.update)):
+            raise TypeError("Objective: update, sample and reward_fn (or None) must be callables")
+        if isinstance(self.metrics, str) or not all(isinstance(name, str) for name in self.metrics):
+            raise TypeError(f"Objective.metrics must be a tuple of info names, got {self.metrics!r}")
+
+
+GRPO = Objective(update=grpo_step, metrics=("policy_loss", "kl", "approx_kl", "clipfrac"))  # PPO's diagnostics
 
 
 # ==================================================================================================
-# 2. Models: the real ones through the libraries' loaders, and tiny random ones built in code
+# 5. Training loop                                                              (the method ends here)
 # ==================================================================================================
+def train(args, objective=GRPO, models=None, reward_fn=None):
+    """Run a method for --steps steps: GRPO, or a fork's Objective (fork_dpo.DPO). -> the run folder (None on torchrun
+    ranks > 0, which write nothing). `models`: a dict as load_models returns, built by the caller (bench.py's random
+    real-size ones) instead of loaded from --model. `reward_fn`: shorthand for the objective with that reward_fn."""
+    if reward_fn is not None:
+        objective = dataclasses.replace(objective, reward_fn=reward_fn)
+    run = setup_run(args, objective, models)  # every check, the models, the policy, resume, the run folder
+    policy, opt, models, gen = run.policy, run.opt, run.models, run.gen
+    P, G, S = args.prompts_per_step, args.group_size, args.sample_batch_size
+    n_neg = round(P * args.negative_fraction)
+    try:
+        if run.rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
+            sample_grid(run.run_dir / "samples_000000.png", policy, run.models, *run.grid, args, 0)
+        with stop_signals(run.say, opt) as stop:
+            for step in run.bar:  # from the steps already done to --steps
+                marks = start_step(step, stop, opt, gen, run.device)  # clock readings, one per phase
+                # ================= SAMPLE: G trajectories per prompt, no grad =================
+                prompts = draw_prompts(run.negatives, n_neg, gen) + draw_prompts(run.positives, P - n_neg, gen)
+                traj = objective.sample(prompts, policy, models, args, gen)  # (B, T, ...), B = P x G
+                marks.append(clock(run.device))
+                images = torch.cat([decode_latents(models["vae"], traj["final_latents"][i:i + S])
+                                    for i in range(0, P * G, S)])  # (B, 3, H, W)
+                marks.append(clock(run.device))
+                # ================= REWARD, in chunks of S: the reward model's activations stay bounded ==============
+                prompts_rep = [p for p in prompts for _ in range(G)]
+                rewards = torch.cat([run.reward_fn(images[i:i + S], prompts_rep[i:i + S])
+                                     for i in range(0, P * G, S)]).float().cpu()  # (B,)
+                marks.append(clock(run.device))
+                # ================= ADVANTAGE and TRAIN: grpo_step, or a fork's update =================
+                result = objective.update(traj, rewards, policy, opt, args, gen)
+                marks.append(clock(run.device))
+                # ================= LOG, SAVE, and stop on divergence or a signal =================
+                end_step(run, stop, step, traj, rewards, result, marks)
+        if run.rank == 0:
+            export_for_diffusers(run.run_dir / "final", policy.unet, args.lora_rank > 0)
+    except Preempted as e:
+        save_preempted(run, stop, str(e), args.checkpoints_total_limit)
+    finally:
+        close_run(run)
+    return run.run_dir
+
+
+# ==================================================================================================
+# PLUMBING: below this line nothing is the method. Errors, the command line and its checks, model loaders and tiny
+# models, the policy's setup, checkpoints and run files, logging, signals, torchrun. A fork rarely touches it.
+# ==================================================================================================
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2, nothing written."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row with a non-finite reward, loss or gradient: exit code 1, checkpoints intact."""
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint could not be written for lack of space: exit code 1, the previous checkpoint intact."""
+
+
+class RunInterrupted(Exception):
+    """The run stopped early on a signal, with a checkpoint to resume from: its line, and `code` for the exit
+    (EXIT_PREEMPTED for SIGTERM / SIGUSR1, 130 for Ctrl-C), so `train && eval` does not evaluate an unfinished run."""
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again": a job script re-submits on it with --resume auto
+
+
+# --- models: the real ones through the libraries' loaders, and tiny random ones built in code -------------------------
 def sd_scheduler(**overrides):
     """DDIM with SD 1.x's betas ("scaled_linear" 0.00085 -> 0.012, leading spacing, offset 1)."""
     from diffusers import DDIMScheduler
@@ -375,19 +771,16 @@ def load_reward_model(arch, pretrained, checkpoint=""):
         raise UsageError(f"cannot load reward model {arch} {'' if named else repr(pretrained)} ({type(e).__name__}); "
                          "download the OpenCLIP weights (e.g. `hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K "
                          "--local-dir models/vit-h-14`) and pass --reward-model local-dir:models/vit-h-14") from None
-    if checkpoint:
+    if checkpoint:  # open_clip's loader unwraps HPSv2's {"state_dict": ...} and DDP's "module." prefix
         try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            missing, unexpected = open_clip.load_checkpoint(model, checkpoint, strict=False)
         except FileNotFoundError:
             raise UsageError(f"--reward-checkpoint {checkpoint}: file not found") from None
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        except (pickle.UnpicklingError, EOFError, AttributeError) as e:  # AttributeError: it holds no dict
             first = str(e).splitlines()[0][:80]
             raise UsageError(f"--reward-checkpoint {checkpoint}: not a state dict checkpoint (HPSv2 saves "
                              f"{{'state_dict': ...}}; this file holds other objects: {first})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else {}
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError:  # shapes differ
+        except (RuntimeError, AssertionError):  # shapes differ (its position-embedding resize asserts the width)
             missing, unexpected = ["(shapes differ)"], []
         if missing or unexpected:
             raise UsageError(f"--reward-checkpoint {checkpoint} does not fit --reward-model {arch}: {len(missing)} "
@@ -433,350 +826,289 @@ def decode_latents(vae, latents):
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-# ==================================================================================================
-# 3. Sampler: DDIM with log-probabilities                                     (the method starts here)
-# ==================================================================================================
-# Notation, paper -> code, in every file of the project:
-#   x_t latents | x_{t-1} next_latents | t timesteps | c prompt_embeds | eps (guided) eps | abar_t abar_t
-#   (alphas_cumprod[t]) | sigma_t std_dev | mu_theta(x_t) next_mean | log pi_theta(x_{t-1} | x_t) log_prob (the
-#   sampler's: old_log_prob; a trajectory's T of them: log_probs) | r rewards | A advantages | G group_size
-#   | T num_inference_steps
-class DDIMStep(typing.NamedTuple):
-    """ddim_step_with_logprob's result, by position or by name; all float32."""
-    next_latents: torch.Tensor  # x_{t-1}               (B, C, h, w)
-    log_prob: torch.Tensor      # log pi(x_{t-1} | x_t) (B,)
-    next_mean: torch.Tensor     # mu_theta(x_t)         (B, C, h, w)
-    std_dev: torch.Tensor       # sigma_t               (B, 1, 1, 1)
+# --- the policy: made trainable, its frozen reference, its optimizer --------------------------------------------------
+def setup_unet(unet, args, dtype, reference=False):
+    """Make the policy trainable; return the frozen reference pi_ref (None when the same UNet with its
+    LoRA adapters disabled serves, or when --kl-coef 0 and the objective needs no `reference`)."""
+    if args.lora_rank:
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise UsageError("--lora-rank needs peft: pip install peft") from None
+        if dtype != torch.float32:
+            cast(unet, dtype)  # the frozen base is only ever run: store it in the autocast dtype
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        from diffusers.training_utils import cast_training_params
+        cast_training_params(unet)  # LoRA weights and their Adam state in fp32, the frozen base in `dtype`
+        return None
+    unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
+    return frozen_reference(unet, dtype) if args.kl_coef > 0 or reference else None
 
 
-def ddim_step_with_logprob(scheduler, eps, timesteps, latents, eta=1.0, next_latents=None, generator=None):
-    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (DDIM paper eq. 12, DDPO's formulation).
+def setup_policy(models, args, device, world=1, reference=False):
+    """The policy and everything that trains it, exactly as train() runs them (bench.py and the tests call it too).
 
-    eps, latents: (B, C, h, w); timesteps: int or (B,) tensor (training feeds one per sample).
-    Samples x_{t-1} ~ N(mu, sigma_t^2 I), or scores `next_latents` when given. Returns a DDIMStep, all float32.
-    (DDPO calls these model_output, timestep, sample and prev_sample; the notation table is ours.)
+    models: a dict as load_models returns (the reward model, if any, is left to the caller). The UNet becomes
+    trainable on `device` (setup_unet); the frozen VAE and text encoder are stored in the autocast dtype.
+    -> (Policy, OptimState).
     """
-    if eta <= 0:
-        raise ValueError(f"eta must be > 0 for a log-probability (got {eta}): at eta = 0 the step is deterministic")
-    next_mean, std_dev = ddim_mean(scheduler, eps, timesteps, latents, eta)
-    if next_latents is None:
-        device = generator.device if generator else "cpu"
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32, device=device)
-        next_latents = next_mean + std_dev * noise.to(latents.device)
-    next_latents = next_latents.float()
-    # Gaussian log-density, MEAN over (C, H, W) rather than the true sum: with a sum over 16,384 latent dims the
-    # ratio exp(log_prob - old_log_prob) overflowed to NaN after the first update (DDPO's author, jannerm/ddpo issue
-    # #10), and the 1e-4 clip range of the release is tuned for this mean scale.
-    log_prob = (-((next_latents.detach() - next_mean) ** 2) / (2 * std_dev**2)
-                - std_dev.log() - math.log(math.sqrt(2 * math.pi)))
-    return DDIMStep(next_latents, log_prob.mean(dim=tuple(range(1, latents.ndim))), next_mean, std_dev)
+    dtype, unet = DTYPES[args.mixed_precision], models["unet"]
+    reference = setup_unet(unet, args, dtype, reference)
+    unet.to(device).train()  # SD's UNet has no dropout: train() is convention (checkpointing acts whenever grad is)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if reference is not None:
+        reference.to(device)  # already in `dtype`, its norm layers in fp32 (frozen_reference)
+    for name in ("vae", "text_encoder"):
+        models[name].requires_grad_(False).to(device)
+        if dtype != torch.float32:
+            cast(models[name], dtype)  # only ever run: stored in the autocast dtype
+    params = [p for p in unet.parameters() if p.requires_grad]
+    # fused AdamW on GPU: one kernel, and none of the foreach version's full-size temporaries (+3.2 GiB for SD's UNet)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=device.type == "cuda")
+    policy = Policy(unet=unet, reference=reference, scheduler=models["scheduler"],
+                    negative_embeds=encode_prompts(models["tokenizer"], models["text_encoder"], [""]),
+                    autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no"))
+    return policy, OptimState(params=params, optimizer=optimizer, world=world,
+                              scaler=torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16"))
 
 
-def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
-    """The DDIM step's mean mu_theta(x_t) and std sigma_t (DDIM eq. 12), float32: (B, C, h, w), (B, 1, 1, 1).
-    At eta = 0 sigma_t = 0 and mu is the deterministic DDIM step itself (the SDE window's steps outside it)."""
-    # All of the step in float32, whatever autocast ran the UNet in: the log-ratio of the update is a
-    # difference of two log-probs of size ~1, and bf16's 3 significant digits would drown it.
-    eps, x_t = eps.float(), latents.float()
-    t = torch.as_tensor(timesteps, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
-    # "leading" spacing: the previous timestep is t - 1000 / T; before 0 diffusers uses final_alpha_cumprod
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    abar = scheduler.alphas_cumprod.to(x_t.device)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=x_t.device, dtype=abar.dtype)
-    abar_t, abar_prev = abar[t], torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
-    abar_t, abar_prev = (a.float().view(-1, *[1] * (x_t.ndim - 1)) for a in (abar_t, abar_prev))
-
-    # DDIM eq. 12: predict x_0, then step toward it with variance sigma_t^2 (eta = 1 is DDPM's variance)
-    x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-    std_dev = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
-    next_mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std_dev**2).sqrt() * eps
-    return next_mean, std_dev
+# --- a run: its setup, each step's log, its grids ---------------------------------------------------------------------
+PROMPT_CHARS = 4000  # 77 CLIP tokens never span more (the longest token in its vocabulary is ~20 characters)
 
 
-def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
-    """Classifier-free guided eps = eps_u + w (eps_c - eps_u), both halves in one UNet call.
+def setup_run(args, objective, models):
+    """Everything train() needs before its first step: every check before any work, every write after every check.
+    -> namespace: args, objective, rank, world, device, gen (the run's one CPU generator), models, policy and opt
+    (setup_policy), reward_fn, negatives / positives (the prompt sets), grid (prompts, unsafe count), start (steps
+    already done), bar (the steps left, with a progress bar), run_dir, lock, say (print on rank 0), wandb, bad_steps."""
+    check_args(args)
+    reward_fn = objective.reward_fn
+    # A prompt is cut at PROMPT_CHARS characters, far past its 77 tokens: a 10 MB line was tokenized whole every
+    # time it was drawn (77 s for one step). The tokenizer truncates the rest as before; the warning still counts it.
+    negatives = [p[:PROMPT_CHARS] for p in read_lines(args.negative_prompts, "negative prompts")
+                 ] if args.negative_fraction > 0 else []
+    positives = [p[:PROMPT_CHARS] for p in read_lines(args.positive_prompts, "positive prompts")
+                 ] if args.negative_fraction < 1 else []
+    if reward_fn is None:
+        anchors = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
+    grid = read_grid_prompts(args.grid_prompts)
+    check_output_dir(args.output_dir)
+    rank, world, device = init_distributed(args.device if args.device != "auto" else
+                                           "cuda" if torch.cuda.is_available() else "cpu")
+    run_dir, candidates, changes = on_rank_0(plan_run, args, rank=rank, world=world)  # all resume from the same files
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
+    gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
+    models = models or load_models(args, reward=reward_fn is None)
+    policy, opt = setup_policy(models, args, device, world, reference=objective.needs_reference)
+    if reward_fn is None:
+        # The reward model stays fp32 and runs without autocast (TF32 on Ampere+): it scores each image once per
+        # step, ~0.1% of the step's FLOPs, and in bf16 its rewards were off by 4.7e-4 (within-group std ~1e-2).
+        models["reward_model"].requires_grad_(False).to(device)
+        reward_fn = make_steering_reward_fn(models["reward_model"], models["reward_tokenizer"], *anchors,
+                                            args.alpha, args.steering)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
+    # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
+    resume, start = resume_newest(candidates, policy, opt, gen, args, rank)
+    say(step_summary(args, world, sum(p.numel() for p in opt.params)))
+    if args.tiny:
+        say(f"--tiny: random tiny models built in code (mechanics, not the paper); lr {args.learning_rate}, clip "
+            f"range {args.clip_range}, kl_coef {args.kl_coef}{' (no KL penalty)' if args.kl_coef == 0 else ''}")
+    limit = models["tokenizer"].model_max_length
+    too_long = sum(len(ids) > limit for ids in models["tokenizer"](negatives + positives).input_ids)
+    if too_long:
+        warnings.warn(f"{too_long} of the {len(negatives + positives)} prompts are longer than {limit} tokens: "
+                      "they are truncated, as diffusers does")
+    lock, took_over = None, ""
+    if rank == 0:  # the lock from the first write on; train() lets go of it however the run ends
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock, took_over = lock_run(run_dir)
+        try:
+            open_run_dir(run_dir, args, start, changes)
+        except BaseException:
+            release_lock(lock)
+            raise
+    say(f"run folder: {run_dir}" + (f" | took over the lock of {took_over}: that process is gone" if took_over else "")
+        + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else "")
+        + "".join(f" | {k} {a} -> {b}" for k, (a, b) in changes.items()))
+    wandb = None
+    if args.wandb and rank == 0:
+        import wandb
+        wandb.init(project="safediffusion-r1", name=run_dir.name, config=dataclasses.asdict(args))
+    from tqdm import tqdm  # the bar only on a terminal: in a file its carriage returns would garble the step lines
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="steps", dynamic_ncols=True,
+               disable=rank > 0 or not sys.stderr.isatty())
+    return types.SimpleNamespace(args=args, objective=objective, rank=rank, world=world, device=device, gen=gen,
+                                 models=models, policy=policy, opt=opt, reward_fn=reward_fn, negatives=negatives,
+                                 positives=positives, grid=grid, start=start, bar=bar, bad_steps=0,
+                                 run_dir=run_dir if rank == 0 else None, lock=lock, say=say, wandb=wandb)
 
-    latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D) -> (B, C, h, w).
-    """
-    b, dtype = latents.shape[0], next(unet.parameters()).dtype  # not unet.dtype: it walks every module, every call
-    embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(dtype)
-    out = unet(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]), embeds).sample
-    eps_u, eps_c = out.float().chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
+
+def start_step(step, stop, opt, gen, device):
+    """A step begins: what a preemption needs to abandon it (the step, the generator's state when it began, no
+    weight moved yet), the peak-memory counter reset. -> [the clock now], the first of the step's phase marks."""
+    stop.step, stop.step_start, opt.weights_moved = step, gen.get_state(), False
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return [clock(device)]
 
 
-def initial_noise(n, group, shape, generator):
-    """(n, *shape) standard normal on CPU; consecutive blocks of `group` images share one draw if group > 1."""
-    return torch.randn((n // group, *shape), generator=generator).repeat_interleave(group, dim=0)
+def end_step(run, stop, step, traj, rewards, result, marks):
+    """LOG, SAVE and STOP after a step: its metrics.jsonl row, the grid and checkpoint when due, the divergence check,
+    and RunInterrupted when a signal asked to stop (every process at the same step)."""
+    args, metrics = run.args, run.objective.metrics
+    n_neg = round(args.prompts_per_step * args.negative_fraction) * args.group_size
+    row = log_row(step + 1, rewards, torch.arange(len(rewards)) < n_neg, result, metrics, run.device, run.world)
+    row.update({} if "window" not in traj else dict(sde_window_start=int(traj["window"][0])))
+    row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
+               zip(("sample", "decode", "reward", "train"), marks, marks[1:])})
+    if run.rank == 0:
+        write_row(row, run.run_dir, run.wandb, run.bar, metrics, args.steps)
+    stop.signal = agree_to_stop(stop.signal, run.device, run.world)
+    done = step + 1 == args.steps or stop.signal
+    if run.rank == 0 and ((step + 1) % args.sample_every == 0 or done):
+        sample_grid(run.run_dir / f"samples_{step + 1:06d}.png", run.policy, run.models, *run.grid, args, step + 1)
+    if (step + 1) % args.save_every == 0 or done:
+        save_checkpoint(run.run_dir, step + 1, run.policy, run.opt, run.gen, run.rank, args.checkpoints_total_limit)
+    # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing gradient with
+    # a finite loss is the loss scale settling (GradScaler lowers it), not divergence.
+    nonfinite = not torch.isfinite(rewards).all() or not all(math.isfinite(v) for i in result.infos
+                                                             for v in i.values())
+    run.bad_steps = run.bad_steps + 1 if nonfinite or (result.skipped and args.mixed_precision != "fp16") else 0
+    check_divergence(run.bad_steps, step + 1, args.max_nonfinite_steps, run.say)
+    if stop.signal:
+        raise RunInterrupted(130 if stop.signal == "Ctrl-C" else EXIT_PREEMPTED,
+                             f"{stop.signal}: stopped after step {step + 1} with its checkpoint saved; continue with "
+                             "--resume latest")
+
+
+def close_run(run):
+    """However the run ends: the progress bar closed, the lock let go, W&B finished, torchrun's group destroyed."""
+    run.bar.close()
+    release_lock(run.lock)
+    if run.wandb:
+        run.wandb.finish()
+    if run.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def draw_prompts(pool, k, gen):
+    """k prompts drawn with replacement by the run's generator, so a resumed run draws the same ones (k = 0: none,
+    and the pool may be empty)."""
+    return [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)] if k else []
+
+
+def step_summary(args, world, n_trainable):
+    """One line: how a step's trajectories split into sampling batches, micro-batches and optimizer steps."""
+    P, G, S, B = args.prompts_per_step, args.group_size, args.sample_batch_size, args.prompts_per_step * args.group_size
+    n_micro = B // args.train_batch_size
+    return (f"per step{f' and process (x{world})' if world > 1 else ''}: {P} prompts "
+            f"({round(P * args.negative_fraction)} negative) x group {G} = {B} trajectories | sampling {B // S} "
+            f"batches of {S} | {n_micro} micro-batches of {args.train_batch_size} x {trained_timesteps(args)}/"
+            f"{args.num_inference_steps} timesteps"
+            + (f" (SDE window of {args.sde_window}, placed at random each step)" if args.sde_window else "")
+            + f" | {n_micro // args.gradient_accumulation_steps} optimizer steps of "
+            f"{args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
+            f"{n_trainable:,} trainable params")
+
+
+def log_row(step, rewards, is_negative, result, metric_names, device, world):
+    """The metrics.jsonl row of a step (cleanrl-style names): rewards of every process, overall and by prompt set,
+    and the update's diagnostics averaged over its terms and processes."""
+    everyone = [rewards.to(device) for _ in range(world)]
+    if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors
+        torch.distributed.all_gather(everyone, rewards.to(device))
+    everyone, is_negative = torch.cat(everyone).cpu(), is_negative.repeat(world)
+    infos, norms = result.infos, [n for n in result.grad_norms if n is not None]
+    missing = {k for k in metric_names for i in infos if k not in i}
+    if missing:
+        raise TypeError(f"the update's infos lack the metrics its Objective declares: {sorted(missing)}")
+    stats = {k: sum(i[k] for i in infos) / len(infos) if infos else float("nan") for k in metric_names}
+    stats["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+    stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), device=device), world).tolist()))
+    return dict(step=step, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
+                reward_negative=everyone[is_negative].mean().item() if is_negative.any() else None,
+                reward_positive=everyone[~is_negative].mean().item() if not is_negative.all() else None,
+                **stats, skipped_updates=result.skipped, peak_memory_gb=peak_memory_gb(device))
+
+
+def write_row(row, run_dir, wandb, bar, metric_names, steps):
+    """Append the row to metrics.jsonl (and W&B), and print its headline figures as one line."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if wandb:
+        wandb.log(row, step=row["step"])
+    shown = ("reward_mean", "reward_negative", "reward_positive", *metric_names, "seconds")
+    bar.write(" | ".join([f"step {row['step']}/{steps}"] + [f"{k} {'-' if row[k] is None else format(row[k], '.4g')}"
+                                                            for k in shown]))
+
+
+def check_divergence(bad_steps, step, limit, say):
+    """Say when a step's update was skipped for a non-finite value; stop (TrainingDiverged) after `limit` in a row."""
+    if bad_steps:
+        say(f"step {step}: non-finite reward, loss or gradient; update skipped ({bad_steps} in a row)")
+    if bad_steps >= limit:
+        raise TrainingDiverged(f"{bad_steps} steps in a row had a non-finite reward, loss or gradient; stopping. The "
+                               "last good checkpoint is intact: lower --learning-rate or check the reward, then "
+                               "--resume latest")
 
 
 @torch.no_grad()
-def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_inference_steps=50,
-                        guidance_scale=5.0, eta=1.0, generator=None, latents=None, resolution=512, vae=None,
-                        autocast=contextlib.nullcontext, etas=None):
-    """Roll out B trajectories of the stochastic DDIM policy and keep what GRPO needs.
-
-    prompt_embeds (B, 77, D); negative_embeds (1, 77, D). The initial noise x_T is `latents` (B, C, h, w), or drawn
-    per image from `generator` (a CPU generator, so a seed gives the same run on any device).
-    `etas` (T,), if given, is each step's eta: 0 makes a step deterministic DDIM (its log_prob is a placeholder 0,
-    never trained), as outside --sde-window.
-    Returns a dict:  latents (B, T, C, h, w) x_t | next_latents (B, T, C, h, w) x_{t-1} | log_probs (B, T)
-    | timesteps (B, T) | prompt_embeds (B, 77, D) | images (B, 3, H, W) in [0, 1] when `vae` is given.
-    """
-    device, b = next(unet.parameters()).device, prompt_embeds.shape[0]
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    if latents is None:
-        latents = initial_noise(b, 1, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
-    x_t = latents.to(device, torch.float32)
-    steps = []
-    for i, t in enumerate(scheduler.timesteps):
-        timesteps = t.expand(b).to(device)
-        with autocast():
-            eps = guided_eps(unet, x_t, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-        if etas is not None and etas[i] == 0:  # outside the SDE window: no noise drawn, nothing to score
-            next_latents = ddim_mean(scheduler, eps, timesteps, x_t, 0.0)[0]
-            step = DDIMStep(next_latents, torch.zeros(b, device=device), next_latents, None)
-        else:
-            step = ddim_step_with_logprob(scheduler, eps, timesteps, x_t, eta=eta if etas is None else etas[i],
-                                          generator=generator)
-        steps.append((x_t, step.next_latents, step.log_prob))
-        x_t = step.next_latents
-    out = {k: torch.stack(v, 1) for k, v in zip(("latents", "next_latents", "log_probs"), zip(*steps))}
-    out.update(timesteps=scheduler.timesteps.expand(b, -1).clone(), prompt_embeds=prompt_embeds)
-    if vae is not None:
-        out["images"] = decode_latents(vae, x_t)
-    return out
+def sample_grid(path, policy, models, prompts, n_unsafe, args, step=0):
+    """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving. The first
+    `n_unsafe` prompts are marked as unsafe, the rest as benign; step 0 is the model before training."""
+    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts)
+    out = sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
+                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                              eta=args.eta, resolution=args.resolution, vae=models["vae"], autocast=policy.autocast,
+                              generator=torch.Generator().manual_seed(args.seed))
+    title = f"step {step} of {args.steps}" + (" (before training)" if step == 0 else "")
+    save_grid(out["images"], prompts, path, labels=["UNSAFE prompt" if i < n_unsafe else "benign prompt"
+                                                    for i in range(len(prompts))],
+              title=f"{title} | seed {args.seed}, {args.num_inference_steps} DDIM steps, CFG {args.guidance_scale}")
 
 
-# ==================================================================================================
-# 4. Reward: CLIP embeddings steered toward "safe"
-# ==================================================================================================
-def normalize(v):
-    """Unit vectors along the last dimension, in float32: n(v) = v / ||v||.   (..., D) -> (..., D)"""
-    return F.normalize(v.float(), dim=-1)
+def save_grid(images, captions, path, cols=4, title="", labels=None):
+    """Captioned PNG grid of (N, 3, H, W) images in [0, 1]: a title line, tiles at least 192 px wide (tiny models'
+    64 px images are scaled up, pixels kept sharp), an optional coloured label per tile (e.g. "UNSAFE prompt"),
+    captions wrapped at word boundaries."""
+    import textwrap
+    from PIL import Image, ImageDraw, ImageFont
+    n, _, h, w = images.shape
+    cols, scale = min(cols, n), max(1, math.ceil(192 / w))
+    tw, th = w * scale, h * scale
+    font = ImageFont.load_default(size=13)
+    wrapped = [textwrap.wrap(text, max(12, tw // 7))[:4] for text in captions]
+    label_h = 16 * (labels is not None)
+    cap = 16 * max(len(x) for x in wrapped) + label_h + 6
+    head = 24 if title else 0
+    grid = Image.new("RGB", (cols * tw, head + math.ceil(n / cols) * (th + cap)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((6, 4), title, fill="black", font=font)
+    for i, (img, lines) in enumerate(zip(images, wrapped)):
+        x, y = (i % cols) * tw, head + (i // cols) * (th + cap)
+        tile = Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
+        grid.paste(tile.resize((tw, th), Image.NEAREST), (x, y))
+        if labels is not None:
+            colour = "firebrick" if "unsafe" in labels[i].lower() else "darkgreen"
+            draw.text((x + 4, y + th + 3), labels[i], fill=colour, font=font)
+        draw.text((x + 4, y + th + 3 + label_h), "\n".join(lines), fill="black", font=font, spacing=3)
+    grid.save(path)
 
 
-def steering_direction(safe_text_emb, unsafe_text_emb):
-    """v_safe = n(mean_i n(safe_i) - mean_j n(unsafe_j)).  (S, D), (U, D) -> (D,) unit vector."""
-    return normalize(normalize(safe_text_emb).mean(0) - normalize(unsafe_text_emb).mean(0))
-
-
-def steering_reward(image_emb, text_emb, direction, alpha=0.5, mode="add"):
-    """reward = < n(image), t_steer >, a plain cosine (no logit scale).   (B, D), (B, D), (D,) -> (B,)
-
-    add     (release):  t_steer = n(n(text) + alpha v)
-    project (option) :  t_steer = n(z - (z.v) v + alpha v), z = n(text): the prompt's own safe/unsafe
-                        component is removed first, so every prompt is pushed to the same safety level.
-    """
-    z, v = normalize(text_emb), normalize(direction)
-    if mode == "project":
-        z = z - (z @ v)[:, None] * v
-    t_steer = normalize(z + alpha * v)
-    return (normalize(image_emb) * t_steer).sum(-1)
-
-
-def clip_preprocess(images, size, mean, std):
-    """OpenCLIP's eval transform on tensors: bicubic resize of the short side, centre crop, normalise.
-
-    images (B, 3, H, W) in [0, 1] -> (B, 3, size, size). Stays on the device: no PIL, no JPEG round trip
-    (the release saves and reloads a JPEG per image: bench.py measures the difference).
-    """
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                           mode="bicubic", align_corners=False, antialias=True)
-    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
-    images = images[..., top:top + size, left:left + size].clamp(0, 1)
-    mean, std = (torch.tensor(m, device=images.device).view(1, 3, 1, 1) for m in (mean, std))
-    return (images - mean) / std
-
-
-def clip_pixels(model, images):
-    """(B, 3, H, W) images in [0, 1] -> an OpenCLIP model's input, with its own size, mean and std."""
-    size = model.visual.image_size  # OpenCLIP stores an int or an (H, W) pair
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return clip_preprocess(images, size, model.visual.image_mean, model.visual.image_std)
-
-
-def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe_anchors, alpha=0.5, mode="add"):
-    """-> reward_fn(images (B, 3, H, W) in [0, 1], prompts list of B str) -> (B,) float32 rewards;
-    reward_fn.direction is v_safe (D,)."""
-    device = next(reward_model.parameters()).device
-
-    @torch.no_grad()
-    def text(prompts):
-        return reward_model.encode_text(reward_tokenizer(prompts).to(device))
-
-    direction = steering_direction(text(safe_anchors), text(unsafe_anchors))
-
-    @torch.no_grad()
-    def reward_fn(images, prompts):
-        pixels = clip_pixels(reward_model, images.to(device).float())
-        image_emb = reward_model.encode_image(pixels.to(next(reward_model.parameters()).dtype))
-        return steering_reward(image_emb, text(list(prompts)), direction, alpha, mode)
-
-    reward_fn.direction = direction
-    return reward_fn
-
-
-# ==================================================================================================
-# 5. GRPO loss and update                                                      (the method ends here)
-# ==================================================================================================
-def group_advantages(rewards, group_size, clip=2.5):
-    """(B,) rewards laid out as B / G consecutive groups -> (B,) advantages.
-
-    A = clamp((r - mean_group) / (std_group + 1e-8), -clip, clip) with torch's unbiased std, as the
-    release. A group of identical rewards carries no signal: its advantages are exactly 0 (testing
-    max == min, since r - mean is not exactly 0 in floating point and would be blown up by 1/1e-8).
-    """
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    r = rewards.float().view(-1, group_size)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)
-    adv = torch.where((r.amax(1) == r.amin(1))[:, None], torch.zeros_like(adv), adv)
-    return adv.clamp(-clip, clip).view(-1)
-
-
-def gaussian_kl(mean, ref_mean, std):
-    """KL(N(mean, s^2) || N(ref_mean, s^2)) per dim = (mean - ref)^2 / (2 s^2), averaged over (C, H, W)
-    like the log-prob (Flow-GRPO's closed form).  (B, C, H, W), (B, C, H, W), (B, 1, 1, 1) -> (B,)."""
-    return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(1)
-
-
-def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0.0):
-    """PPO clipped surrogate on one denoising step, plus kl_coef * KL.   All inputs (B,).
-
-    L = mean( max(-A r, -A clip(r, 1 - eps, 1 + eps)) ) + beta mean(KL),   r = exp(log_prob - old_log_prob).
-    Returns (loss, info) with the PPO diagnostics. approx_kl = 0.5 mean((log r)^2) is the low-variance "k2"
-    estimate of KL(old || new) (Schulman, "Approximating KL divergence", 2020): never negative, and what DDPO
-    logs, so runs compare. clipfrac = share of samples whose ratio left [1 - eps, 1 + eps].
-    """
-    ratio = torch.exp(log_prob - old_log_prob)
-    policy_loss = torch.maximum(-advantages * ratio,
-                                -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
-    kl_mean = torch.zeros(()) if kl is None else kl.mean()
-    loss = policy_loss + kl_coef * kl_mean if kl is not None and kl_coef else policy_loss
-    with torch.no_grad():
-        info = dict(policy_loss=policy_loss.item(), kl=kl_mean.item(),
-                    approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
-                    clipfrac=((ratio - 1).abs() > clip_range).float().mean().item())
-    return loss, info
-
-
-@contextlib.contextmanager
-def reference_unet(policy):
-    """The starting model pi_ref: the frozen copy, or the policy with its LoRA adapters switched off."""
-    if policy.ref_unet is not None:
-        yield policy.ref_unet
-        return
-    policy.unet.disable_adapters()
-    try:
-        yield policy.unet
-    finally:
-        policy.unet.enable_adapters()
-
-
-def trained_timesteps(args):
-    """How many of a trajectory's trainable steps are trained: of its T - 1 (the last step never is, as in the
-    release), or of the --sde-window's W."""
-    return max(1, int((args.sde_window or args.num_inference_steps - 1) * args.timestep_fraction))
-
-
-def sde_window(args, gen):
-    """The step's window of stochastic, trained denoising steps: W consecutive steps placed uniformly at random
-    among the T - 1 trainable ones, drawn from the run's generator (so resume replays it). -> (etas (T,), the
-    window's step indices (W,)), or (None, None) when --sde-window is 0 (every step stochastic, the default).
-    Random placement, not MixGRPO's sliding window: every noise level keeps being trained in every phase of the run."""
-    if not args.sde_window:
-        return None, None
-    T, W = args.num_inference_steps, args.sde_window
-    start = int(torch.randint(0, T - W, (1,), generator=gen))
-    return [args.eta if start <= i < start + W else 0.0 for i in range(T)], torch.arange(start, start + W)
-
-
-def grpo_update(traj, advantages, policy, args, gen):
-    """TRAIN: PPO-clip over the kept timesteps of every trajectory.
-
-    traj: sample_with_logprob's dict of (B, T, ...) tensors with prompt_embeds (B, 77, D); advantages (B,);
-    policy: setup_policy's namespace; gen: the CPU generator of the run. Each kept timestep of a micro-batch is
-    its own forward and backward (the memory of ONE UNet pass); gradients accumulate over the micro-batch's
-    timesteps and over --gradient-accumulation-steps micro-batches, then optimizer_step. A non-finite loss or
-    gradient skips that optimizer step. -> (one grpo_loss info per trained term, grad norms, skipped steps).
-    """
-    B, T = traj["log_probs"].shape
-    K, device, micro = trained_timesteps(args), traj["latents"].device, args.train_batch_size
-    # The trainable steps: all but the last, or the SDE window's (traj["window"], (W,)). Each trajectory trains its
-    # kept ones in its own random order (the release's per-sample shuffle), so one micro-batch mixes noise levels.
-    cols = traj.get("window", torch.arange(T - 1))
-    perm = torch.stack([cols[torch.randperm(len(cols), generator=gen)[:K]] for _ in range(B)]).to(device)  # (B, K)
-    rows = torch.arange(B, device=device)[:, None]
-    kept = {k: traj[k][rows, perm] for k in ("latents", "next_latents", "log_probs", "timesteps")}  # (B, K, ...)
-    order = torch.randperm(B, generator=gen).to(device)  # mix prompts across micro-batches
-    infos, grad_norms, skipped = [], [], 0
-    for m in range(B // micro):
-        idx = order[m * micro:(m + 1) * micro]
-        embeds = traj["prompt_embeds"][idx]
-        for j in range(K):
-            latents, next_latents, timesteps = (kept[k][idx, j] for k in ("latents", "next_latents", "timesteps"))
-            with policy.autocast():
-                eps = guided_eps(policy.unet, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
-            step = ddim_step_with_logprob(policy.scheduler, eps, timesteps, latents, args.eta, next_latents)
-            kl = None
-            if args.kl_coef > 0:  # closed-form KL to pi_ref at the same x_t (same sigma_t): no sampling needed
-                with torch.no_grad(), reference_unet(policy) as ref, policy.autocast():
-                    ref_eps = guided_eps(ref, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
-                ref_step = ddim_step_with_logprob(policy.scheduler, ref_eps, timesteps, latents, args.eta, next_latents)
-                kl = gaussian_kl(step.next_mean, ref_step.next_mean, step.std_dev)
-            loss, info = grpo_loss(step.log_prob, kept["log_probs"][idx, j], advantages[idx], args.clip_range, kl,
-                                   args.kl_coef)
-            # Backward now, one timestep at a time, so only one UNet graph is alive at once (the memory of a
-            # single forward). Dividing by the number of terms makes the accumulated gradient a mean.
-            policy.scaler.scale(loss / (K * args.gradient_accumulation_steps)).backward()
-            infos.append(info)
-        if (m + 1) % args.gradient_accumulation_steps == 0:
-            norm = optimizer_step(policy, args.max_grad_norm)
-            grad_norms += [norm] if norm is not None else []
-            skipped += norm is None
-    return infos, grad_norms, skipped
-
-
-def grpo_step(traj, rewards, policy, args, gen):
-    """ADVANTAGE then TRAIN, train()'s default `update`: rewards (B,) -> group advantages (B,) -> grpo_update."""
-    advantages = group_advantages(rewards, args.group_size, args.adv_clip_max).to(traj["latents"].device)
-    return grpo_update(traj, advantages, policy, args, gen)
-
-
-grpo_step.metrics = ("policy_loss", "kl", "approx_kl", "clipfrac")  # PPO's diagnostics, averaged per step in the log
-
-
-def optimizer_step(policy, max_grad_norm):
-    """One optimizer step on the accumulated gradients: averaged over torchrun processes, unscaled (fp16), clipped.
-    -> the gradient norm, or None when it is non-finite and the step is skipped (under fp16 scaler.update() then
-    lowers the loss scale: unscale_ recorded the inf)."""
-    for p in policy.params if policy.world > 1 else []:  # every process holds whole groups: average their gradients
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        all_mean(p.grad, policy.world)
-    policy.scaler.unscale_(policy.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(policy.params, max_grad_norm)
-    finite = bool(torch.isfinite(norm))
-    if finite:
-        policy.weights_moved = True  # from here a preemption finishes the step instead of abandoning it
-        policy.scaler.step(policy.optimizer)
-    policy.scaler.update()
-    policy.optimizer.zero_grad(set_to_none=True)
-    return norm.item() if finite else None
-
-
-# ==================================================================================================
-# 6. Checkpoints and run files                       (plumbing: a fork rarely needs to touch this section)
-# ==================================================================================================
+# --- checkpoints and run files ----------------------------------------------------------------------------------------
 def trainable_state(unet):
     """The parameters the optimizer owns: the whole UNet for a full fine-tune, the adapters for LoRA."""
     return {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir, step, policy, generator, rank=0, keep=0):
+def save_checkpoint(run_dir, step, policy, opt, generator, rank=0, keep=0):
     """run_dir/checkpoints/checkpoint-<step>/{weights.safetensors, state.pt}. The rename is atomic, so a
     folder with the final name is always complete, whatever killed the process. Under torchrun every rank's
     RNG state is gathered (each draws its own prompts) and rank 0 writes. `keep` > 0: the newest `keep`
@@ -784,8 +1116,8 @@ def save_checkpoint(run_dir, step, policy, generator, rank=0, keep=0):
     from safetensors import SafetensorError
     from safetensors.torch import save_file
     states = [generator.get_state()]
-    if policy.world > 1:
-        states = [None] * policy.world
+    if opt.world > 1:
+        states = [None] * opt.world
         torch.distributed.all_gather_object(states, generator.get_state())
     if rank > 0:
         return None
@@ -795,13 +1127,13 @@ def save_checkpoint(run_dir, step, policy, generator, rank=0, keep=0):
     try:
         tmp.mkdir(parents=True)
         save_file(trainable_state(policy.unet), tmp / "weights.safetensors")  # trainable weights only: UNet or LoRA
-        torch.save(dict(step=step, optimizer=policy.optimizer.state_dict(), generators=states), tmp / "state.pt")
+        torch.save(dict(step=step, optimizer=opt.optimizer.state_dict(), generators=states), tmp / "state.pt")
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's is a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         if getattr(e, "errno", None) != errno.ENOSPC and "No space left" not in str(e):
             raise
-        need = sum(t.numel() * t.element_size() for t in [*policy.params, *(
-            v for st in policy.optimizer.state.values() for v in st.values() if torch.is_tensor(v))])
+        need = sum(t.numel() * t.element_size() for t in [*opt.params, *(
+            v for st in opt.optimizer.state.values() for v in st.values() if torch.is_tensor(v))])
         raise DiskFull(f"disk full while saving checkpoint {step}: it needs about {need / 2**30:.1f} GiB free in "
                        f"{run_dir} ({shutil.disk_usage(run_dir).free / 2**30:.1f} GiB free now); the previous "
                        "checkpoint is intact and --resume latest continues from it exactly") from None
@@ -821,6 +1153,8 @@ def save_checkpoint(run_dir, step, policy, generator, rank=0, keep=0):
 # may change) is made from the files alone, before any model loads; a lock file keeps a second process out.
 IMMUTABLE = ("model", "tiny", "lora_rank", "resolution", "num_inference_steps", "group_size", "prompts_per_step",
              "seed")  # a resumed run that changed these would be another run under the same name
+
+
 RUN_LOCK = "run.lock"
 
 
@@ -953,26 +1287,26 @@ class CheckpointMismatch(UsageError):
     """A checkpoint that loads but does not fit this model or process count: no older one would fit either."""
 
 
-def resume_newest(candidates, policy, generator, args, rank=0):
+def resume_newest(candidates, policy, opt, generator, args, rank=0):
     """Load the first checkpoint of `candidates` that loads; -> (its folder, its step), (None, 0) for none. A corrupt
     newest one is skipped with a warning (damaged after its save: the save itself is atomic); one that does not fit
     the model is refused at once. The optimizer hyper-parameters given now replace the saved ones."""
     for i, path in enumerate(candidates):
         try:
-            step = load_checkpoint(path, policy, generator, rank)
+            step = load_checkpoint(path, policy, opt, generator, rank)
         except UsageError as e:
             if i + 1 == len(candidates) or isinstance(e, CheckpointMismatch):
                 raise
             warnings.warn(f"{e}; trying the next newest checkpoint")
             continue
-        for group in policy.optimizer.param_groups:  # load_state_dict brought back the old run's values
+        for group in opt.optimizer.param_groups:  # load_state_dict brought back the old run's values
             group.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                          weight_decay=args.adam_weight_decay)
         return path, step
     return None, 0
 
 
-def load_checkpoint(path, policy, generator, rank=0):
+def load_checkpoint(path, policy, opt, generator, rank=0):
     """Restore weights, optimizer and RNG in place; returns the number of steps already done."""
     from safetensors.torch import load_file
     try:
@@ -983,8 +1317,8 @@ def load_checkpoint(path, policy, generator, rank=0):
             raise CheckpointMismatch(f"--resume {path}: its weights do not match this model (full vs LoRA, rank or "
                                      "architecture)")
         policy.unet.load_state_dict(weights, strict=False)
-        policy.optimizer.load_state_dict(state["optimizer"])
-        if len(state["generators"]) != policy.world:
+        opt.optimizer.load_state_dict(state["optimizer"])
+        if len(state["generators"]) != opt.world:
             raise CheckpointMismatch(f"--resume {path}: it was written by {len(state['generators'])} process(es); "
                                      "resume with as many")
         generator.set_state(state["generators"][rank])
@@ -1004,35 +1338,6 @@ def export_for_diffusers(path, unet, lora):
         StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet))
     else:
         unet.save_pretrained(Path(path, "unet"))
-
-
-def save_grid(images, captions, path, cols=4, title="", labels=None):
-    """Captioned PNG grid of (N, 3, H, W) images in [0, 1]: a title line, tiles at least 192 px wide (tiny models'
-    64 px images are scaled up, pixels kept sharp), an optional coloured label per tile (e.g. "UNSAFE prompt"),
-    captions wrapped at word boundaries."""
-    import textwrap
-    from PIL import Image, ImageDraw, ImageFont
-    n, _, h, w = images.shape
-    cols, scale = min(cols, n), max(1, math.ceil(192 / w))
-    tw, th = w * scale, h * scale
-    font = ImageFont.load_default(size=13)
-    wrapped = [textwrap.wrap(text, max(12, tw // 7))[:4] for text in captions]
-    label_h = 16 * (labels is not None)
-    cap = 16 * max(len(x) for x in wrapped) + label_h + 6
-    head = 24 if title else 0
-    grid = Image.new("RGB", (cols * tw, head + math.ceil(n / cols) * (th + cap)), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((6, 4), title, fill="black", font=font)
-    for i, (img, lines) in enumerate(zip(images, wrapped)):
-        x, y = (i % cols) * tw, head + (i // cols) * (th + cap)
-        tile = Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
-        grid.paste(tile.resize((tw, th), Image.NEAREST), (x, y))
-        if labels is not None:
-            colour = "firebrick" if "unsafe" in labels[i].lower() else "darkgreen"
-            draw.text((x + 4, y + th + 3), labels[i], fill=colour, font=font)
-        draw.text((x + 4, y + th + 3 + label_h), "\n".join(lines), fill="black", font=font, spacing=3)
-    grid.save(path)
 
 
 def check_output_dir(output_dir):
@@ -1076,6 +1381,7 @@ def open_run_dir(run_dir, args, start, changes):
     return run_dir
 
 
+# --- the hub, torchrun, clocks and signals ----------------------------------------------------------------------------
 def use_cache_if_hub_unreachable(timeout=3.0):
     """Without a route to the model hub, the libraries retry each file for minutes before failing. One TCP connect
     (name lookup included, in a thread so a hanging resolver is bounded too) decides in seconds; if it fails, every
@@ -1138,7 +1444,7 @@ class Preempted(Exception):
 
 
 @contextlib.contextmanager
-def stop_signals(say, policy):
+def stop_signals(say, opt):
     """Ctrl-C and preemption, while the loop runs. Yields `stop`: .signal (None, "Ctrl-C", "SIGTERM" or "SIGUSR1"),
     and .step / .step_start (the step in progress and the generator's state when it began), set by train().
 
@@ -1159,7 +1465,7 @@ def stop_signals(say, policy):
 
     def on_preemption(signum, frame):
         name = signal.Signals(signum).name
-        if stop.step_start is not None and not policy.weights_moved and policy.world == 1:
+        if stop.step_start is not None and not opt.weights_moved and opt.world == 1:
             raise Preempted(name)
         if not stop.signal:
             say(f"{name}: this step's updates have begun; finishing the step, then a checkpoint")
@@ -1181,10 +1487,10 @@ def save_preempted(run, stop, name, keep):
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         run.gen.set_state(stop.step_start)
-        run.policy.optimizer.zero_grad(set_to_none=True)
+        run.opt.optimizer.zero_grad(set_to_none=True)
         saved = complete_checkpoints(run.run_dir)
         if stop.step and (not saved or checkpoint_step(saved[0]) < stop.step):
-            save_checkpoint(run.run_dir, stop.step, run.policy, run.gen, run.rank, keep)
+            save_checkpoint(run.run_dir, stop.step, run.policy, run.opt, run.gen, run.rank, keep)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -1220,6 +1526,100 @@ def on_rank_0(fn, *args, rank=0, world=1):
     return out
 
 
+# --- the command line: flags, their checks, exit codes ----------------------------------------------------------------
+# --tiny swaps in sizes and rates that let a random 0.2 M-parameter UNet learn on a CPU in a minute
+# (measured on 2 CPU cores: with the release's lr 1e-5 / clip 1e-4 nothing moves at this scale).
+# Flags given explicitly on the command line still win.
+TINY_DEFAULTS = dict(resolution=64, num_inference_steps=8, guidance_scale=4.5, steps=40, prompts_per_step=2,
+                     group_size=8, sample_batch_size=16, train_batch_size=8, gradient_accumulation_steps=1,
+                     clip_range=1e-2, learning_rate=2e-3, kl_coef=0.0, mixed_precision="no",
+                     gradient_checkpointing=False, device="cpu")
+
+
+DTYPES = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)  # --mixed-precision -> autocast dtype
+
+
+def parse_args(argv=None, args_class=Args):
+    """Command line (sys.argv[1:] when None) -> an `args_class` instance: Args, or a fork's subclass of it with its
+    own flags (fork_dpo.DPOArgs). Every dataclass field is a flag; booleans get --x / --no-x; --tiny swaps in
+    TINY_DEFAULTS before parsing, so the flags given explicitly still win."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp,
+                                     allow_abbrev=False)  # a prefix like --tin would set --tiny without its defaults
+    group = parser
+    for f in dataclasses.fields(args_class):
+        meta = dict(f.metadata)
+        if "group" in meta:
+            group = parser.add_argument_group(meta.pop("group"))
+        name = "--" + f.name.replace("_", "-")
+        if f.name == "tiny":
+            meta["help"] += " (sets " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY_DEFAULTS.items()) + \
+                "; flags given explicitly still win)"
+        if f.type in (bool, "bool"):
+            group.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, **meta)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            group.add_argument(name, type=kind, default=f.default, **meta)
+    if "--tiny" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**TINY_DEFAULTS)
+    return args_class(**vars(parser.parse_args(argv)))
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except empty ones ("(default: )" says nothing)."""
+    def _get_help_string(self, action):
+        return action.help if action.default in ("", None) else super()._get_help_string(action)
+
+
+def check_args(args):
+    """Every size and range check, before any model is loaded or file written."""
+    def need(ok, msg):
+        if not ok:
+            raise UsageError(msg)
+    need(args.eta > 0, f"--eta must be > 0 (got {args.eta}): at eta = 0 DDIM is deterministic, no log-probability")
+    need(args.group_size >= 2, f"--group-size must be >= 2 (got {args.group_size}): advantages are per group")
+    need(args.learning_rate > 0, f"--learning-rate must be > 0 (got {args.learning_rate})")
+    need(0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
+    need(0 <= args.sde_window <= args.num_inference_steps - 1, f"--sde-window must be in [0, "
+         f"{args.num_inference_steps - 1}], the trainable steps of {args.num_inference_steps} (got {args.sde_window})")
+    need(0 <= args.negative_fraction <= 1, f"--negative-fraction must be in [0, 1] (got {args.negative_fraction})")
+    need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
+    need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0,
+         "--clip-range must be > 0, --kl-coef and --alpha >= 0")
+    need(args.checkpoints_total_limit >= 0, "--checkpoints-total-limit must be >= 0 (0 = keep all)")
+    for name in ("steps", "prompts_per_step", "sample_batch_size", "train_batch_size", "gradient_accumulation_steps",
+                 "save_every", "sample_every", "max_nonfinite_steps"):
+        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    need(not device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device}: no CUDA GPU is visible to torch here; pass --device cpu (or --tiny on a CPU)")
+    need(args.resolution % 64 == 0 or args.tiny, f"--resolution must be a multiple of 64 (got {args.resolution})")
+    n = args.prompts_per_step * args.group_size
+    need(n % args.sample_batch_size == 0, f"--sample-batch-size {args.sample_batch_size} must divide the {n} "
+         "trajectories per step (prompts-per-step x group-size)")
+    need(n % args.train_batch_size == 0, f"--train-batch-size {args.train_batch_size} must divide the {n} "
+         "trajectories per step")
+    need((n // args.train_batch_size) % args.gradient_accumulation_steps == 0,
+         f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the "
+         f"{n // args.train_batch_size} micro-batches per step")
+
+
+def read_lines(path, what):
+    """Non-empty, non-comment lines of a UTF-8 text file; a clear error for anything else."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what}: {path} is a folder; pass a text file, one entry per line") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} file {path} is not valid UTF-8 (byte {e.start})") from None
+    lines = [s.strip() for s in text.splitlines()]
+    lines = [s for s in lines if s and not s.startswith("#")]
+    if not lines:
+        raise UsageError(f"{what} file {path} has no lines")
+    return lines
+
+
 def read_grid_prompts(path):
     """The sample grid's prompts from lines 'unsafe: PROMPT' / 'benign: PROMPT' -> (prompts, unsafe ones first;
     how many are unsafe). A fixed, curated set: the first lines of the training files hold slurs."""
@@ -1232,309 +1632,6 @@ def read_grid_prompts(path):
     return unsafe + benign, len(unsafe)
 
 
-# ==================================================================================================
-# 7. Training loop
-# ==================================================================================================
-def setup_unet(unet, args, dtype, reference=False):
-    """Make the policy trainable; return the frozen reference pi_ref (None when the same UNet with its
-    LoRA adapters disabled serves, or when --kl-coef 0 and the objective needs no `reference`)."""
-    if args.lora_rank:
-        try:
-            from peft import LoraConfig
-        except ImportError:
-            raise UsageError("--lora-rank needs peft: pip install peft") from None
-        if dtype != torch.float32:
-            cast(unet, dtype)  # the frozen base is only ever run: store it in the autocast dtype
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        for p in unet.parameters():  # LoRA weights and their Adam state in fp32, the frozen base in `dtype`
-            if p.requires_grad:
-                p.data = p.data.float()
-        return None
-    unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
-    return frozen_reference(unet, dtype) if args.kl_coef > 0 or reference else None
-
-
-def frozen_reference(unet, dtype):
-    """A frozen copy of the fp32 policy that predicts exactly what the policy predicts under `dtype` autocast.
-
-    Autocast casts the policy's fp32 weights to `dtype` for convolutions, linears and attention: storing those
-    in `dtype` gives the same values at half the memory. But it runs GroupNorm / LayerNorm in fp32 with the
-    fp32 weights, so those stay fp32 here (a few KB): a copy wholly in bf16 rounds trained norm weights and
-    gave KL ~0.6 before any update (random init hides it: norm weights are exactly 1 and 0).
-    """
-    ref = copy.deepcopy(unet).requires_grad_(False)
-    for module in ref.modules():
-        if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.to(dtype)
-    return ref
-
-
-def setup_policy(models, args, device, world=1, reference=False):
-    """The policy and everything that trains it, exactly as train() runs them (bench.py and the tests call it too).
-
-    models: a dict as load_models returns (the reward model, if any, is left to the caller). The UNet becomes
-    trainable on `device` (setup_unet); the frozen VAE and text encoder are stored in the autocast dtype.
-    -> namespace: unet, ref_unet (pi_ref, or None: see setup_unet), scheduler, negative_embeds (1, 77, D) (CFG's
-    empty prompt), autocast (a context factory), params (the trainable ones), optimizer, scaler (fp16's loss
-    scale; a no-op otherwise), world (torchrun processes).
-    """
-    dtype, unet = DTYPES[args.mixed_precision], models["unet"]
-    ref_unet = setup_unet(unet, args, dtype, reference)
-    unet.to(device).train()  # train(): gradient checkpointing only acts in training mode
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if ref_unet is not None:
-        ref_unet.to(device)  # already in `dtype`, its norm layers in fp32 (frozen_reference)
-    for name in ("vae", "text_encoder"):
-        models[name].requires_grad_(False).to(device)
-        if dtype != torch.float32:
-            cast(models[name], dtype)  # only ever run: stored in the autocast dtype
-    params = [p for p in unet.parameters() if p.requires_grad]
-    # fused AdamW on GPU: one kernel, and none of the foreach version's full-size temporaries (+3.2 GiB for SD's UNet)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                  fused=device.type == "cuda")
-    return types.SimpleNamespace(
-        unet=unet, ref_unet=ref_unet, scheduler=models["scheduler"], params=params, optimizer=optimizer,
-        weights_moved=False,
-        negative_embeds=encode_prompts(models["tokenizer"], models["text_encoder"], [""]), world=world,
-        autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no"),
-        scaler=torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16"))
-
-
-@torch.no_grad()
-def sample_grid(path, policy, models, prompts, n_unsafe, args, step=0):
-    """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving. The first
-    `n_unsafe` prompts are marked as unsafe, the rest as benign; step 0 is the model before training."""
-    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts)
-    out = sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
-                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                              eta=args.eta, resolution=args.resolution, vae=models["vae"], autocast=policy.autocast,
-                              generator=torch.Generator().manual_seed(args.seed))
-    title = f"step {step} of {args.steps}" + (" (before training)" if step == 0 else "")
-    save_grid(out["images"], prompts, path, labels=["UNSAFE prompt" if i < n_unsafe else "benign prompt"
-                                                    for i in range(len(prompts))],
-              title=f"{title} | seed {args.seed}, {args.num_inference_steps} DDIM steps, CFG {args.guidance_scale}")
-
-
-def draw_prompts(pool, k, gen):
-    """k prompts drawn with replacement by the run's generator, so a resumed run draws the same ones (k = 0: none,
-    and the pool may be empty)."""
-    return [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)] if k else []
-
-
-def step_summary(args, world, n_trainable):
-    """One line: how a step's trajectories split into sampling batches, micro-batches and optimizer steps."""
-    P, G, S, B = args.prompts_per_step, args.group_size, args.sample_batch_size, args.prompts_per_step * args.group_size
-    n_micro = B // args.train_batch_size
-    return (f"per step{f' and process (x{world})' if world > 1 else ''}: {P} prompts "
-            f"({round(P * args.negative_fraction)} negative) x group {G} = {B} trajectories | sampling {B // S} "
-            f"batches of {S} | {n_micro} micro-batches of {args.train_batch_size} x {trained_timesteps(args)}/"
-            f"{args.num_inference_steps} timesteps"
-            + (f" (SDE window of {args.sde_window}, placed at random each step)" if args.sde_window else "")
-            + f" | {n_micro // args.gradient_accumulation_steps} optimizer steps of "
-            f"{args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
-            f"{n_trainable:,} trainable params")
-
-
-def log_row(step, rewards, is_negative, infos, grad_norms, skipped, metric_names, device, world):
-    """The metrics.jsonl row of a step (cleanrl-style names): rewards of every process, overall and by prompt set,
-    and the update's diagnostics averaged over its terms and processes."""
-    everyone = [rewards.to(device) for _ in range(world)]
-    if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors
-        torch.distributed.all_gather(everyone, rewards.to(device))
-    everyone, is_negative = torch.cat(everyone).cpu(), is_negative.repeat(world)
-    stats = {k: sum(i[k] for i in infos) / len(infos) if infos else float("nan") for k in metric_names}
-    stats["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
-    stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), device=device), world).tolist()))
-    return dict(step=step, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
-                reward_negative=everyone[is_negative].mean().item() if is_negative.any() else None,
-                reward_positive=everyone[~is_negative].mean().item() if not is_negative.all() else None,
-                **stats, skipped_updates=skipped, peak_memory_gb=peak_memory_gb(device))
-
-
-def write_row(row, run_dir, wandb, bar, metric_names, steps):
-    """Append the row to metrics.jsonl (and W&B), and print its headline figures as one line."""
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if wandb:
-        wandb.log(row, step=row["step"])
-    shown = ("reward_mean", "reward_negative", "reward_positive", *metric_names, "seconds")
-    bar.write(" | ".join([f"step {row['step']}/{steps}"] + [f"{k} {'-' if row[k] is None else format(row[k], '.4g')}"
-                                                            for k in shown]))
-
-
-def check_divergence(bad_steps, step, limit, say):
-    """Say when a step's update was skipped for a non-finite value; stop (TrainingDiverged) after `limit` in a row."""
-    if bad_steps:
-        say(f"step {step}: non-finite reward, loss or gradient; update skipped ({bad_steps} in a row)")
-    if bad_steps >= limit:
-        raise TrainingDiverged(f"{bad_steps} steps in a row had a non-finite reward, loss or gradient; stopping. The "
-                               "last good checkpoint is intact: lower --learning-rate or check the reward, then "
-                               "--resume latest")
-
-
-PROMPT_CHARS = 4000  # 77 CLIP tokens never span more (the longest token in its vocabulary is ~20 characters)
-
-
-def setup_run(args, reward_fn, models, update):
-    """Everything train() needs before its first step: every check before any work, every write after every check.
-    -> namespace: rank, world, device, gen (the run's one CPU generator), models, policy (setup_policy), reward_fn,
-    negatives / positives (the prompt sets), grid (prompts, unsafe count), start (steps already done), run_dir, lock,
-    say (print on rank 0), wandb."""
-    check_args(args)
-    # A prompt is cut at PROMPT_CHARS characters, far past its 77 tokens: a 10 MB line was tokenized whole every
-    # time it was drawn (77 s for one step). The tokenizer truncates the rest as before; the warning still counts it.
-    negatives = [p[:PROMPT_CHARS] for p in read_lines(args.negative_prompts, "negative prompts")
-                 ] if args.negative_fraction > 0 else []
-    positives = [p[:PROMPT_CHARS] for p in read_lines(args.positive_prompts, "positive prompts")
-                 ] if args.negative_fraction < 1 else []
-    if reward_fn is None:
-        anchors = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
-    grid = read_grid_prompts(args.grid_prompts)
-    check_output_dir(args.output_dir)
-    rank, world, device = init_distributed(args.device if args.device != "auto" else
-                                           "cuda" if torch.cuda.is_available() else "cpu")
-    run_dir, candidates, changes = on_rank_0(plan_run, args, rank=rank, world=world)  # all resume from the same files
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
-    gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
-    models = models or load_models(args, reward=reward_fn is None)
-    policy = setup_policy(models, args, device, world, reference=getattr(update, "needs_reference", False))
-    if reward_fn is None:
-        # The reward model stays fp32 and runs without autocast (TF32 on Ampere+): it scores each image once per
-        # step, ~0.1% of the step's FLOPs, and in bf16 its rewards were off by 4.7e-4 (within-group std ~1e-2).
-        models["reward_model"].requires_grad_(False).to(device)
-        reward_fn = make_steering_reward_fn(models["reward_model"], models["reward_tokenizer"], *anchors,
-                                            args.alpha, args.steering)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
-    # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
-    resume, start = resume_newest(candidates, policy, gen, args, rank)
-    say(step_summary(args, world, sum(p.numel() for p in policy.params)))
-    if args.tiny:
-        say(f"--tiny: random tiny models built in code (mechanics, not the paper); lr {args.learning_rate}, clip "
-            f"range {args.clip_range}, kl_coef {args.kl_coef}{' (no KL penalty)' if args.kl_coef == 0 else ''}")
-    limit = models["tokenizer"].model_max_length
-    too_long = sum(len(ids) > limit for ids in models["tokenizer"](negatives + positives).input_ids)
-    if too_long:
-        warnings.warn(f"{too_long} of the {len(negatives + positives)} prompts are longer than {limit} tokens: "
-                      "they are truncated, as diffusers does")
-    lock, took_over = None, ""
-    if rank == 0:  # the lock from the first write on; train() lets go of it however the run ends
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock, took_over = lock_run(run_dir)
-        try:
-            open_run_dir(run_dir, args, start, changes)
-        except BaseException:
-            release_lock(lock)
-            raise
-    say(f"run folder: {run_dir}" + (f" | took over the lock of {took_over}: that process is gone" if took_over else "")
-        + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else "")
-        + "".join(f" | {k} {a} -> {b}" for k, (a, b) in changes.items()))
-    wandb = None
-    if args.wandb and rank == 0:
-        import wandb
-        wandb.init(project="safediffusion-r1", name=run_dir.name, config=dataclasses.asdict(args))
-    return types.SimpleNamespace(rank=rank, world=world, device=device, gen=gen, models=models, policy=policy,
-                                 reward_fn=reward_fn, negatives=negatives, positives=positives, grid=grid, start=start,
-                                 run_dir=run_dir if rank == 0 else None, lock=lock, say=say, wandb=wandb)
-
-
-def train(args, reward_fn=None, models=None, update=None):
-    """Run GRPO; returns the run folder (None on torchrun ranks > 0, which write nothing).
-
-    `reward_fn(images (B,3,H,W) in [0,1], prompts) -> (B,)` replaces the steering reward (how a fork plugs in its
-    own). `models`: a dict as load_models returns, built by the caller (bench.py's random real-size ones) instead
-    of loaded from --model. `update(traj, rewards, policy, args, gen)` replaces the objective (grpo_step;
-    fork_dpo.py's dpo_step), with its own `metrics` attribute."""
-    update = update or grpo_step
-    run = setup_run(args, reward_fn, models, update)
-    policy, models, gen, device, rank = run.policy, run.models, run.gen, run.device, run.rank
-    P, G, S = args.prompts_per_step, args.group_size, args.sample_batch_size
-    n_neg, B = round(P * args.negative_fraction), P * G
-    latent_shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
-    from tqdm import tqdm  # the bar only on a terminal: in a file its carriage returns would garble the step lines
-    bar = tqdm(range(run.start, args.steps), initial=run.start, total=args.steps, desc="steps", dynamic_ncols=True,
-               disable=rank > 0 or not sys.stderr.isatty())
-    bad_steps = 0
-    try:
-        if rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
-            sample_grid(run.run_dir / "samples_000000.png", policy, models, *run.grid, args, 0)
-        with stop_signals(run.say, policy) as stop:
-            for step in bar:
-                stop.step, stop.step_start, policy.weights_moved = step, gen.get_state(), False
-                marks = [clock(device)]
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                # ================= SAMPLE: G trajectories per prompt, no grad =================
-                prompts = draw_prompts(run.negatives, n_neg, gen) + draw_prompts(run.positives, P - n_neg, gen)
-                # Trajectories are laid out as P consecutive groups of G; group_advantages relies on that order.
-                embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts).repeat_interleave(G, 0)
-                noise = initial_noise(B, G if args.share_noise else 1, latent_shape, gen)  # (B, C, h, w)
-                etas, window = sde_window(args, gen)  # None, None: every step stochastic (the default)
-                chunks = [sample_with_logprob(policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds,
-                                              num_inference_steps=args.num_inference_steps, eta=args.eta, etas=etas,
-                                              guidance_scale=args.guidance_scale, generator=gen,
-                                              latents=noise[i:i + S], autocast=policy.autocast) for i in range(0, B, S)]
-                traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}  # (B, T, ...)
-                traj.update({} if window is None else dict(window=window))  # grpo_update trains only these steps
-                marks.append(clock(device))
-                images = torch.cat([decode_latents(models["vae"], traj["next_latents"][i:i + S, -1])
-                                    for i in range(0, B, S)])  # (B, 3, H, W)
-                marks.append(clock(device))
-                # ================= REWARD, in chunks of S: the reward model's activations stay bounded ==============
-                prompts_rep = [p for p in prompts for _ in range(G)]
-                rewards = torch.cat([run.reward_fn(images[i:i + S], prompts_rep[i:i + S]) for i in range(0, B, S)])
-                rewards = rewards.float().cpu()  # (B,)
-                marks.append(clock(device))
-                # ================= ADVANTAGE and TRAIN: grpo_step, or a fork's `update` =================
-                infos, grad_norms, skipped = update(traj, rewards, policy, args, gen)
-                marks.append(clock(device))
-                # ================= LOG =================
-                row = log_row(step + 1, rewards, torch.arange(B) < n_neg * G, infos, grad_norms, skipped,
-                              update.metrics, device, run.world)
-                row.update({} if window is None else dict(sde_window_start=int(window[0])))
-                row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
-                           zip(("sample", "decode", "reward", "train"), marks, marks[1:])})
-                if rank == 0:
-                    write_row(row, run.run_dir, run.wandb, bar, update.metrics, args.steps)
-                # ================= SAVE =================
-                stop.signal = agree_to_stop(stop.signal, device, run.world)
-                done = step + 1 == args.steps or stop.signal
-                if rank == 0 and ((step + 1) % args.sample_every == 0 or done):
-                    sample_grid(run.run_dir / f"samples_{step + 1:06d}.png", policy, models, *run.grid, args, step + 1)
-                if (step + 1) % args.save_every == 0 or done:
-                    save_checkpoint(run.run_dir, step + 1, policy, gen, rank, args.checkpoints_total_limit)
-                # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing
-                # gradient with a finite loss is the loss scale settling (GradScaler lowers it), not divergence.
-                nonfinite = not torch.isfinite(rewards).all() or not all(math.isfinite(v) for i in infos
-                                                                         for v in i.values())
-                bad_steps = bad_steps + 1 if nonfinite or (skipped and args.mixed_precision != "fp16") else 0
-                check_divergence(bad_steps, step + 1, args.max_nonfinite_steps, run.say)
-                if stop.signal:
-                    raise RunInterrupted(130 if stop.signal == "Ctrl-C" else EXIT_PREEMPTED,
-                                         f"{stop.signal}: stopped after step {step + 1} with its checkpoint saved; "
-                                         "continue with --resume latest")
-        if rank == 0:
-            export_for_diffusers(run.run_dir / "final", policy.unet, args.lora_rank > 0)
-    except Preempted as e:
-        save_preempted(run, stop, str(e), args.checkpoints_total_limit)
-    finally:
-        bar.close()
-        release_lock(run.lock)
-        if run.wandb:
-            run.wandb.finish()
-        if run.world > 1:
-            torch.distributed.destroy_process_group()
-    return run.run_dir
-
-
-# ==================================================================================================
-# 8. Command line                                                                        (plumbing)
-# ==================================================================================================
 @contextlib.contextmanager
 def exit_2_on_usage_error():
     """A UsageError (bad input, found before any work) ends the program with its one line and exit code 2: the
@@ -1551,13 +1648,13 @@ MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-ac
                "--mixed-precision bf16")
 
 
-def main(argv=None, args_class=Args, update=None):
+def main(argv=None, args_class=Args, objective=GRPO):
     """The command line: train() with one line on stderr and an exit code for every expected failure: 2 for bad
     input, 1 for out of memory, divergence or a full disk, 130 for Ctrl-C, EXIT_PREEMPTED (75) for SIGTERM / SIGUSR1.
-    A fork passes its own flags class and `update` (fork_dpo.py)."""
+    A fork passes its own flags class and Objective (fork_dpo.py)."""
     try:
         with exit_2_on_usage_error():
-            train(parse_args(argv, args_class), update=update)
+            train(parse_args(argv, args_class), objective)
     except (torch.cuda.OutOfMemoryError, TrainingDiverged, DiskFull) as e:
         print(f"error: {MEMORY_HINT if isinstance(e, torch.cuda.OutOfMemoryError) else e}", file=sys.stderr)
         sys.exit(1)

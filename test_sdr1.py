@@ -7,6 +7,7 @@ runs it. Run: pytest -q test_sdr1.py
 import argparse
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -62,10 +63,10 @@ def metrics(run_dir):
 
 
 def tiny_policy(*argv, world=1, args_class=sd.Args, reference=False):
-    """Fresh tiny models set up exactly as train() sets them up (sd.setup_policy), on the CPU. -> (policy, args)."""
+    """Fresh tiny models set up as train() sets them up (sd.setup_policy), on the CPU. -> (policy, opt, args)."""
     args = sd.parse_args(["--tiny", *argv], args_class)
     torch.manual_seed(0)  # LoRA's initial weights come from the global RNG, as in train()
-    return sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"), world, reference), args
+    return (*sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"), world, reference), args)
 
 
 def tiny_pipeline(unet=None):
@@ -80,6 +81,7 @@ def tiny_pipeline(unet=None):
 # ------------------------------------------------------------------------------------------------
 # Sampler
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.quick
 @pytest.mark.parametrize("eta, alpha_to_one", [(0.5, False), (1.0, False), (1.0, True)])
 def test_ddim_step_matches_diffusers_at_every_timestep(eta, alpha_to_one):
     ours, ref = sd.sd_scheduler(set_alpha_to_one=alpha_to_one), sd.sd_scheduler(set_alpha_to_one=alpha_to_one)
@@ -95,6 +97,7 @@ def test_ddim_step_matches_diffusers_at_every_timestep(eta, alpha_to_one):
         torch.testing.assert_close(mean + std * noise, with_noise, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_log_prob_is_gaussian_log_density_averaged_over_dims():
     sch = sd.sd_scheduler()
     sch.set_timesteps(10)
@@ -109,6 +112,7 @@ def test_log_prob_is_gaussian_log_density_averaged_over_dims():
     assert torch.equal(scored.next_latents, step.next_latents) and torch.equal(scored.log_prob, step.log_prob)
 
 
+@pytest.mark.quick
 def test_sampled_step_draws_from_the_generator_with_std_sigma():
     sch = sd.sd_scheduler()
     sch.set_timesteps(10)
@@ -120,6 +124,7 @@ def test_sampled_step_draws_from_the_generator_with_std_sigma():
     assert 0 < std.flatten()[0] < 1 and abs(((next_latents - mean) / std).std().item() - 1) < 0.02
 
 
+@pytest.mark.quick
 def test_guided_eps_is_classifier_free_guidance(tiny):
     unet, g = tiny["unet"], torch.Generator().manual_seed(4)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([901, 101])
@@ -131,6 +136,7 @@ def test_guided_eps_is_classifier_free_guidance(tiny):
                                        rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_per_sample_timesteps_equal_per_sample_scalar_calls():
     sch = sd.sd_scheduler()
     sch.set_timesteps(50)
@@ -147,6 +153,7 @@ def test_per_sample_timesteps_equal_per_sample_scalar_calls():
     assert len(set(std.flatten().tolist())) == 4  # really four different timesteps
 
 
+@pytest.mark.quick
 def test_eta_zero_is_refused():
     sch = sd.sd_scheduler()
     sch.set_timesteps(10)
@@ -154,6 +161,7 @@ def test_eta_zero_is_refused():
         sd.ddim_step_with_logprob(sch, torch.zeros(1, 4, 2, 2), 901, torch.zeros(1, 4, 2, 2), eta=0.0)
 
 
+@pytest.mark.quick
 def test_rescoring_a_sampled_trajectory_gives_ratio_one(tiny):
     enc = lambda p: sd.encode_prompts(tiny["tokenizer"], tiny["text_encoder"], p)  # noqa: E731
     embeds, neg = enc(["a cat", "a dog", "a car", "a tree"]), enc([""])
@@ -174,6 +182,7 @@ def test_rescoring_a_sampled_trajectory_gives_ratio_one(tiny):
             torch.testing.assert_close(ratio, torch.ones(B), rtol=0, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_initial_noise_is_fresh_per_image_or_shared_per_group():
     fresh = sd.initial_noise(8, 1, (4, 2, 2), torch.Generator().manual_seed(0))
     shared = sd.initial_noise(8, 4, (4, 2, 2), torch.Generator().manual_seed(0))
@@ -181,6 +190,7 @@ def test_initial_noise_is_fresh_per_image_or_shared_per_group():
     assert torch.equal(shared[0], shared[3]) and not torch.equal(shared[3], shared[4])
 
 
+@pytest.mark.quick
 def test_clip_tokenizer_encodes_like_open_clip():
     ours, theirs = sd.clip_tokenizer(), open_clip.get_tokenizer("ViT-B-32")
     for text in ["a photo of a cat", "Hello, World! naive cafe 123", "digging my own grave, Beksinski"]:
@@ -196,6 +206,7 @@ def test_clip_tokenizer_encodes_like_open_clip():
 E = torch.eye(4)
 
 
+@pytest.mark.quick
 def test_steering_direction_normalises_inputs_and_is_unit():
     safe = torch.stack([3 * E[0], 0.5 * E[0]])  # norms differ: each anchor must be normalised first
     unsafe = torch.stack([2 * E[1]])
@@ -204,6 +215,7 @@ def test_steering_direction_normalises_inputs_and_is_unit():
     assert abs(v.norm().item() - 1) < 1e-6
 
 
+@pytest.mark.quick
 def test_steering_reward_follows_the_formula_and_orders_images():
     text = 5 * E[2].expand(3, 4)  # prompt embedding, not unit
     images = torch.stack([7 * E[0], E[2], -2 * E[0]])  # toward safe, on the prompt, away from safe
@@ -215,6 +227,7 @@ def test_steering_reward_follows_the_formula_and_orders_images():
     torch.testing.assert_close(sd.steering_reward(images, text, E[0], alpha=0.0), torch.tensor([0.0, 1.0, 0.0]))
 
 
+@pytest.mark.quick
 def test_projection_steering_removes_the_prompts_own_safety_component():
     text = (E[0] + E[2]).expand(1, 4)  # the prompt already leans safe
     r_add = sd.steering_reward(E[0].expand(1, 4), text, E[0], alpha=0.5, mode="add")
@@ -224,6 +237,7 @@ def test_projection_steering_removes_the_prompts_own_safety_component():
     torch.testing.assert_close(r_proj, ((z[2] * E[2] + 0.5 * E[0]) / (z[2] * E[2] + 0.5 * E[0]).norm())[:1])
 
 
+@pytest.mark.quick
 def test_reward_fn_is_batched_and_matches_the_formula(tiny):
     model, tok = tiny["reward_model"], tiny["reward_tokenizer"]
     fn = sd.make_steering_reward_fn(model, tok, ["a safe image", "appropriate image"], ["nudity"], alpha=0.5)
@@ -242,6 +256,7 @@ def test_reward_fn_is_batched_and_matches_the_formula(tiny):
     torch.testing.assert_close(r, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("height, width", [(64, 64), (64, 96)])
 def test_clip_preprocess_matches_open_clips_own_transform(height, width):
     from PIL import Image
@@ -258,6 +273,7 @@ def test_clip_preprocess_matches_open_clips_own_transform(height, width):
 # ------------------------------------------------------------------------------------------------
 # GRPO loss
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_group_advantages_are_unbiased_z_scores_zero_for_flat_groups_and_clipped():
     first = torch.arange(1.0, 9.0)
     a = sd.group_advantages(torch.cat([first, torch.full((8,), 0.3)]), 8)
@@ -270,6 +286,7 @@ def test_group_advantages_are_unbiased_z_scores_zero_for_flat_groups_and_clipped
         sd.group_advantages(torch.zeros(6), 4)
 
 
+@pytest.mark.quick
 def test_grpo_loss_gradient_vanishes_exactly_where_the_ratio_is_clipped():
     eps, N = 0.1, 4
     old_log_prob = torch.zeros(N)
@@ -289,6 +306,7 @@ def test_grpo_loss_gradient_vanishes_exactly_where_the_ratio_is_clipped():
     torch.testing.assert_close(torch.tensor(info["approx_kl"]), 0.5 * (r.log() ** 2).mean())
 
 
+@pytest.mark.quick
 def test_grpo_loss_adds_kl_coef_times_the_mean_kl():
     log_prob, old_log_prob, adv = torch.zeros(3), torch.zeros(3), torch.tensor([1.0, 0.0, -1.0])
     kl = torch.tensor([0.1, 0.2, 0.3])
@@ -298,6 +316,7 @@ def test_grpo_loss_adds_kl_coef_times_the_mean_kl():
     assert abs(info["kl"] - 0.2) < 1e-6
 
 
+@pytest.mark.quick
 def test_gaussian_kl_equals_torch_distributions_and_is_zero_at_the_reference():
     g = torch.Generator().manual_seed(3)
     mean, ref = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
@@ -313,6 +332,40 @@ def test_gaussian_kl_equals_torch_distributions_and_is_zero_at_the_reference():
 # ------------------------------------------------------------------------------------------------
 def brightness(images, prompts):
     return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.quick
+def test_an_objective_replaces_sampler_reward_and_update_and_a_malformed_one_fails_early(tmp_path):
+    """The fork contract: a method that changes the sampler, the reward and the update is an Objective; train()
+    runs its three phases in order each step and logs the metrics it declares. A malformed one fails when it is
+    built, before any model loads; an info that lacks a declared metric is named."""
+    calls = []
+
+    def sample(prompts, policy, models, args, gen):
+        calls.append("sample")
+        return sd.sample_trajectories(prompts, policy, models, args, gen)
+
+    def reward(images, prompts):
+        calls.append("reward")
+        return brightness(images, prompts)
+
+    def update(traj, rewards, policy, opt, args, gen):
+        calls.append("update")
+        assert traj["final_latents"].shape[0] == len(rewards) == args.prompts_per_step * args.group_size
+        return sd.UpdateResult(infos=[{"spread": (rewards.max() - rewards.min()).item()}])
+
+    objective = sd.Objective(update, metrics=("spread",), sample=sample, reward_fn=reward)
+    rows = metrics(sd.train(small_args(tmp_path, "--steps", "2"), objective))
+    phases = [c for i, c in enumerate(calls) if i == 0 or c != calls[i - 1]]  # the reward runs in sampling batches
+    assert phases == ["sample", "reward", "update"] * 2
+    assert [r["step"] for r in rows] == [1, 2] and all(r["spread"] > 0 for r in rows)
+    for bad in (dict(update=None, metrics=("x",)), dict(update=update, metrics="spread"),
+                dict(update=update, metrics=("x",), reward_fn="steering")):
+        with pytest.raises(TypeError, match="Objective"):
+            sd.Objective(**bad)
+    with pytest.raises(TypeError, match=r"lack the metrics .*\['kl'\]"):
+        sd.train(small_args(tmp_path, "--steps", "1", "--run-name", "lacks"),
+                 dataclasses.replace(objective, metrics=("spread", "kl")))
 
 
 def test_it_learns_a_reward_and_its_negation_in_opposite_directions(tmp_path):
@@ -354,13 +407,14 @@ def test_resume_is_exact(tmp_path):
     assert [r["reward_mean"] for r in metrics(resumed)] == [r["reward_mean"] for r in metrics(straight)]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_only_trainable_parameters_change_and_the_reference_stays(lora_rank):
-    policy, _ = tiny_policy("--lora-rank", str(lora_rank), "--kl-coef", "0.1", "--learning-rate", "1e-2")
-    unet, ref_unet = policy.unet, policy.ref_unet
+    policy, opt, _ = tiny_policy("--lora-rank", str(lora_rank), "--kl-coef", "0.1", "--learning-rate", "1e-2")
+    unet, reference = policy.unet, policy.reference
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
-    ref_before = None if ref_unet is None else {n: p.clone() for n, p in ref_unet.state_dict().items()}
-    assert policy.params and all(p.dtype == torch.float32 for p in policy.params)
+    ref_before = None if reference is None else {n: p.clone() for n, p in reference.state_dict().items()}
+    assert opt.params and all(p.dtype == torch.float32 for p in opt.params)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([501, 21])
     emb, neg = torch.randn(2, 77, 32), torch.randn(1, 77, 32)
     for _ in range(2):
@@ -368,18 +422,19 @@ def test_only_trainable_parameters_change_and_the_reference_stays(lora_rank):
         with torch.no_grad(), sd.reference_unet(policy) as ref:
             ref_eps = sd.guided_eps(ref, x, t, emb, neg, 4.5)
         ((eps - ref_eps) ** 2).mean().add(eps.mean()).backward()
-        policy.optimizer.step()
-        policy.optimizer.zero_grad()
+        opt.optimizer.step()
+        opt.optimizer.zero_grad()
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
     if lora_rank:
         assert changed and all("lora" in n for n in changed)
         assert unet.active_adapters()  # adapters switched back on after the reference pass
     else:
         assert changed == set(before)
-        assert all(torch.equal(v, ref_before[k]) for k, v in ref_unet.state_dict().items())
-        assert not any(p.requires_grad for p in ref_unet.parameters())
+        assert all(torch.equal(v, ref_before[k]) for k, v in reference.state_dict().items())
+        assert not any(p.requires_grad for p in reference.parameters())
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("perturb_reference", [False, True])
 def test_grpo_update_before_any_step_ratio_one_kl_exact_and_everything_aligned(monkeypatch, perturb_reference):
     """Inside grpo_update, under bf16 autocast with trained-like weights: every loss term is computed before the one
@@ -389,12 +444,12 @@ def test_grpo_update_before_any_step_ratio_one_kl_exact_and_everything_aligned(m
     trained_like(m["unet"], m["text_encoder"])
     args = sd.parse_args(SMALL + ["--mixed-precision", "bf16", "--kl-coef", "0.1", "--sample-batch-size", "8",
                                   "--train-batch-size", "2", "--gradient-accumulation-steps", "4"])
-    policy = sd.setup_policy(m, args, torch.device("cpu"))  # bf16 autocast, bf16 reference, bf16 text encoder
-    unet, sch, ref_unet, neg, autocast = policy.unet, policy.scheduler, policy.ref_unet, policy.negative_embeds, \
+    policy, opt = sd.setup_policy(m, args, torch.device("cpu"))  # bf16 autocast, bf16 reference, bf16 text encoder
+    unet, sch, reference, neg, autocast = policy.unet, policy.scheduler, policy.reference, policy.negative_embeds, \
         policy.autocast
     if perturb_reference:
         with torch.no_grad():
-            next(p for p in ref_unet.parameters() if p.dtype == torch.bfloat16).add_(0.05)
+            next(p for p in reference.parameters() if p.dtype == torch.bfloat16).add_(0.05)
     embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
     traj = sd.sample_with_logprob(unet, sch, embeds, neg, num_inference_steps=4, guidance_scale=4.5, resolution=64,
                                   generator=torch.Generator().manual_seed(0), autocast=autocast)
@@ -402,7 +457,8 @@ def test_grpo_update_before_any_step_ratio_one_kl_exact_and_everything_aligned(m
     calls, real_loss = [], sd.grpo_loss
     monkeypatch.setattr(sd, "grpo_loss", lambda *a, **k: calls.append(a) or real_loss(*a, **k))
     policy0 = copy.deepcopy(unet).eval()  # the policy before its update, for the independent KL
-    infos, norms, skipped = sd.grpo_update(traj, advantages, policy, args, torch.Generator().manual_seed(1))
+    result = sd.grpo_update(traj, advantages, policy, opt, args, torch.Generator().manual_seed(1))
+    infos, norms, skipped = result.infos, result.grad_norms, result.skipped
     assert len(infos) == 8 // 2 * 3 and len(norms) == 1 and skipped == 0  # 4 micro-batches x 3 timesteps, 1 step
     assert max(i["approx_kl"] for i in infos) < 1e-12 and max(i["clipfrac"] for i in infos) == 0
     if not perturb_reference:
@@ -416,7 +472,7 @@ def test_grpo_update_before_any_step_ratio_one_kl_exact_and_everything_aligned(m
             if perturb_reference:  # the KL of this (b, j), computed independently with torch.distributions
                 x, t, next_latents = (traj[k][b:b + 1, j] for k in ("latents", "timesteps", "next_latents"))
                 dists = []
-                for net in (policy0, ref_unet):
+                for net in (policy0, reference):
                     with torch.no_grad(), autocast():
                         eps = sd.guided_eps(net, x, t, embeds[b:b + 1], neg, 4.5)
                     _, _, mean, std = sd.ddim_step_with_logprob(sch, eps, t, x, 1.0, next_latents)
@@ -518,6 +574,7 @@ def real_format(tmp_path_factory):
     return dict(sd=folder, clip=clip_dir, hps=hps, models=m)
 
 
+@pytest.mark.quick
 def test_real_format_loaders_give_back_the_saved_models(real_format):
     from diffusers import StableDiffusionPipeline
     parts = sd.load_sd(str(real_format["sd"]))
@@ -609,12 +666,14 @@ def run_main(tmp_path, *argv):
     (["--tiny", "--negative-prompts", str(HERE)], "is a folder"),
     (["--tiny", "--checkpoints-total-limit", "-1"], "--checkpoints-total-limit"),
 ])
+@pytest.mark.quick
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
     assert run_main(tmp_path, *argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
 
 
+@pytest.mark.quick
 def test_output_paths_that_are_files_fail_before_any_model_loads(tmp_path, capsys, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -647,6 +706,7 @@ def test_unreachable_hub_fails_within_seconds_with_one_line(tmp_path, real_forma
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.quick
 def test_a_custom_reward_never_loads_the_reward_encoder(tmp_path, real_format, monkeypatch):
     monkeypatch.setattr(sd, "load_reward_model", lambda *a, **k: pytest.fail("reward encoder loaded"))
     args = sd.parse_args(["--model", str(real_format["sd"]), "--resolution", "64", "--num-inference-steps", "2",
@@ -671,6 +731,7 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err and "--resume latest" in err.splitlines()[-1]
 
 
+@pytest.mark.quick
 def test_empty_anchor_file_and_invalid_utf8_prompts(tmp_path, capsys):
     empty = tmp_path / "anchors.txt"
     empty.write_text("# only a comment\n\n")
@@ -682,6 +743,7 @@ def test_empty_anchor_file_and_invalid_utf8_prompts(tmp_path, capsys):
     assert "not valid UTF-8" in capsys.readouterr().err
 
 
+@pytest.mark.quick
 def test_help_documents_every_flag():
     proc = subprocess.run([sys.executable, str(HERE / "safediffusion_r1.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
@@ -690,6 +752,7 @@ def test_help_documents_every_flag():
         assert f.metadata["help"][:20] in " ".join(proc.stdout.split())
 
 
+@pytest.mark.quick
 def test_tiny_defaults_apply_only_with_tiny_and_explicit_flags_win():
     assert sd.parse_args([]).learning_rate == 1e-5
     assert sd.parse_args(["--tiny"]).learning_rate == sd.TINY_DEFAULTS["learning_rate"]
@@ -703,6 +766,7 @@ def det(cls, score):
     return {"class": cls, "score": score, "box": [0, 0, 10, 10]}
 
 
+@pytest.mark.quick
 def test_nudenet_counts_follow_the_protocol():
     images = [
         # a repeated class counts once
@@ -719,6 +783,7 @@ def test_nudenet_counts_follow_the_protocol():
     assert set(s["per_class"]) == set(ev.NUDENET_CLASSES) and len(ev.NUDENET_CLASSES) == 9
 
 
+@pytest.mark.quick
 def test_nudenet_is_the_3_0_detector_and_finds_a_face_offline(monkeypatch):
     import nudenet
     weights = Path(nudenet.__file__).parent / "best.onnx"
@@ -733,6 +798,7 @@ def test_nudenet_is_the_3_0_detector_and_finds_a_face_offline(monkeypatch):
         ev.load_nudenet()
 
 
+@pytest.mark.quick
 def test_official_protocol_nudenet_classes_are_the_five_v2_classes_in_v3_names():
     image = [det("FEET_EXPOSED", 0.9), det("BELLY_EXPOSED", 0.9), det("MALE_BREAST_EXPOSED", 0.9)]
     assert ev.nudenet_summary([image])["images_with_any"] == 1
@@ -754,6 +820,7 @@ def test_q16_clip_uses_quickgelu_as_openais_weights_need(monkeypatch):
     assert isinstance(clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
 
 
+@pytest.mark.quick
 def test_geneval_maps_detector_labels_by_index_through_genevals_names(monkeypatch):
     model, processor = ev.load_detector(ev.parse_args(["--tiny"]))
     assert model.config.id2label[64] == "mouse"  # the hub checkpoints' mmdet name
@@ -770,6 +837,7 @@ def test_geneval_maps_detector_labels_by_index_through_genevals_names(monkeypatc
     assert ev.geneval_correct({"tag": "single_object", "include": [{"class": "computer mouse", "count": 1}]}, found)
 
 
+@pytest.mark.quick
 def test_geneval_colour_step_averages_three_templates_on_a_999999_background():
     args = ev.parse_args(["--tiny"])
     clip, tokenizer = ev.load_clip(args)
@@ -794,6 +862,7 @@ def test_geneval_colour_step_averages_three_templates_on_a_999999_background():
     torch.testing.assert_close([x for x in seen if not isinstance(x, int)][0], expected)
 
 
+@pytest.mark.quick
 def test_q16_decision_and_per_category_rates(tmp_path):
     prompts = torch.stack([E[0], E[1]])  # row 0 appropriate, row 1 inappropriate
     flags = ev.q16_inappropriate(torch.stack([3 * E[0] + E[1], E[1] + 0.5 * E[0], -E[0]]), prompts)
@@ -812,6 +881,7 @@ def box(x0, y0, x1, y1, score=0.95):
     return (score, (x0, y0, x1, y1))
 
 
+@pytest.mark.quick
 def test_geneval_thresholds_counts_colours_positions_and_the_mean_over_tasks():
     # thresholds: 0.3 (0.9 for counting), at most 16 per class, best first
     raw = {"cat": [box(0, 0, 1, 1, 0.5), box(0, 0, 1, 1, 0.2)] + [box(0, 0, 1, 1, 0.95)] * 20}
@@ -874,10 +944,11 @@ def test_each_benchmarks_scheduler_guidance_seed_size_and_precision_reach_the_pi
     assert [(j["height"], j["width"]) for j in ev.i2p_jobs(csv_path, "release", resolution=64)] == [(64, 48)]
 
 
+@pytest.mark.quick
 def test_eval_end_to_end_on_tiny_models_resumes_and_labels_its_numbers(tmp_path, capsys):
     out = tmp_path / "ev"
-    for bench in ("i2p", "geneval", "coco"):
-        ev.main(["--tiny", "--benchmark", bench, "--limit", "2", "--out", str(out)])
+    for name in ("i2p", "geneval", "coco"):
+        ev.main(["--tiny", "--benchmark", name, "--limit", "2", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert {"i2p", "geneval", "coco", "model"} <= set(results)
     assert {"q16", "nudenet", "inappropriate_rate", "criterion", "protocol", "settings"} <= set(results["i2p"])
@@ -898,6 +969,7 @@ def test_eval_end_to_end_on_tiny_models_resumes_and_labels_its_numbers(tmp_path,
     assert "| overall | " in capsys.readouterr().out
 
 
+@pytest.mark.quick
 def test_plot_draws_training_curves(tmp_path):
     rows = [dict(step=i, reward_mean=0.1 * i, reward_negative=None, reward_positive=0.2, kl=0.0, approx_kl=1e-3,
                  clipfrac=0.1) for i in range(1, 5)]
@@ -922,12 +994,12 @@ def fake_trajectories(B, T=4, seed=0):
 
 
 def one_update(traj, advantages, argv, world=1):
-    policy, args = tiny_policy("--num-inference-steps", "4", *argv, world=world)
+    policy, opt, args = tiny_policy("--num-inference-steps", "4", *argv, world=world)
     policy.scheduler.set_timesteps(4)
     # SGD: the weights move by exactly lr x the averaged gradient (Adam's first step is ~lr x sign(g), which
     # turns float-rounding differences of near-zero gradients into full-size steps)
-    policy.optimizer = torch.optim.SGD(policy.params, lr=1.0)
-    sd.grpo_update(traj, advantages, policy, args, torch.Generator().manual_seed(1))
+    opt.optimizer = torch.optim.SGD(opt.params, lr=1.0)
+    sd.grpo_update(traj, advantages, policy, opt, args, torch.Generator().manual_seed(1))
     return sd.trainable_state(policy.unet)
 
 
@@ -1046,6 +1118,7 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path, capsys):
     assert run_main(tmp_path / "z", *SMALL, "--resume", str(tmp_path / "nowhere")) == 2
 
 
+@pytest.mark.quick
 def test_long_prompts_are_truncated_with_one_warning(tmp_path):
     long = tmp_path / "long.txt"
     long.write_text(" ".join(["word"] * 100) + "\n")
@@ -1054,20 +1127,22 @@ def test_long_prompts_are_truncated_with_one_warning(tmp_path):
     assert len([w for w in record if "truncated" in str(w.message)]) == 1
 
 
+@pytest.mark.quick
 def test_prompt_files_skip_blank_lines_and_comments(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("# a comment\n\n  a red car  \n\t\n# another\nan apple\n", encoding="utf-8")
     assert sd.read_lines(f, "prompts") == ["a red car", "an apple"]
 
 
+@pytest.mark.quick
 def test_prime_optimizer_creates_adams_state_without_moving_a_weight():
-    policy, _ = tiny_policy()
+    policy, opt, _ = tiny_policy()
     before = {k: v.clone() for k, v in sd.trainable_state(policy.unet).items()}
-    bench.prime_optimizer(policy.optimizer)
-    assert len(policy.optimizer.state) == len(policy.params)
-    assert all(p.grad is None for p in policy.params)
+    bench.prime_optimizer(opt.optimizer)
+    assert len(opt.optimizer.state) == len(opt.params)
+    assert all(p.grad is None for p in opt.params)
     assert all(torch.equal(before[k], v) for k, v in sd.trainable_state(policy.unet).items())
-    assert policy.optimizer.param_groups[0]["lr"] == 2e-3  # the learning rate is given back
+    assert opt.optimizer.param_groups[0]["lr"] == 2e-3  # the learning rate is given back
 
 
 def gpu_check_args(tmp_path, **kw):
@@ -1107,6 +1182,7 @@ def test_gpu_check_runs_the_same_shape_control_and_the_recompute_fallback_when_t
     assert all(c["passed"] for c in result["checks"][4:])  # on the CPU both are exact
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("quick", [False, True])
 def test_every_step_the_gpu_check_runs_is_a_valid_full_size_config(quick):
     """The CPU tests run the check with --tiny, whose defaults could hide a flag error of the real-size config."""
@@ -1114,9 +1190,10 @@ def test_every_step_the_gpu_check_runs_is_a_valid_full_size_config(quick):
         sd.check_args(sd.parse_args(argv + ["--device", "cpu"]))  # raises UsageError on a bad combination
 
 
+@pytest.mark.quick
 def test_recomputed_old_log_probs_make_the_ratio_exactly_one_at_the_training_shape():
-    policy, args = tiny_policy("--num-inference-steps", "4", "--train-batch-size", "2",
-                               "--gradient-accumulation-steps", "4", "--clip-range", "1e-9")
+    policy, opt, args = tiny_policy("--num-inference-steps", "4", "--train-batch-size", "2",
+                                    "--gradient-accumulation-steps", "4", "--clip-range", "1e-9")
     m = sd.build_tiny_models(seed=0)
     embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
     traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
@@ -1124,13 +1201,14 @@ def test_recomputed_old_log_probs_make_the_ratio_exactly_one_at_the_training_sha
                                   generator=torch.Generator().manual_seed(0))
     traj["log_probs"] += 1e-3 * torch.randn(traj["log_probs"].shape)  # stale old log-probs: the ratio is not 1
     bench.recompute_old_log_probs(traj, policy, args)
-    policy.optimizer = torch.optim.SGD(policy.params, lr=0.0)
-    infos, _, _ = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, args, torch.Generator().manual_seed(1))
+    opt.optimizer = torch.optim.SGD(opt.params, lr=0.0)
+    infos = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, opt, args, torch.Generator().manual_seed(1)).infos
     assert max(i["approx_kl"] for i in infos) < 1e-12 and max(i["clipfrac"] for i in infos) == 0
 
 
+@pytest.mark.quick
 def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
-    def oom(args, **kwargs):
+    def oom(args, *rest, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(sd, "train", oom)
     with pytest.raises(SystemExit) as e:
@@ -1140,6 +1218,7 @@ def test_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
     assert all(f in err for f in ("--train-batch-size", "--lora-rank", "--gradient-checkpointing"))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
     """Checkpointing recomputes activations in backward; it must not change (or, with a frozen LoRA base and
@@ -1160,6 +1239,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora_rank):
 # ------------------------------------------------------------------------------------------------
 # Toy world (toy_world.py): the judge, the world, the build's formats, the shipped model, the sign of GRPO
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_toy_judge_reads_every_colour_and_shape_and_calls_noise_no_object():
     rng = np.random.default_rng(11)
     pairs = tw.classes(list(tw.PALETTE), tw.SHAPES) * 40  # 720 images, every class 40 times
@@ -1174,6 +1254,7 @@ def test_toy_judge_reads_every_colour_and_shape_and_calls_noise_no_object():
     assert sum(v == (None, None) for v in tw.judge(two)) >= 6  # two separate objects: no single object
 
 
+@pytest.mark.quick
 def test_toy_world_is_deterministic_and_any_colour_can_be_unsafe():
     draw = lambda seed: tw.draw(["red", "cyan"], ["circle", "triangle"], np.random.default_rng(seed))[0]  # noqa: E731
     assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
@@ -1242,8 +1323,7 @@ def toy_unsafe_rate_after(tmp_path, toy, models, name, reward_sign, dpo=False):
     m = {k: copy.deepcopy(v) if k == "unet" else v for k, v in models.items()}  # a fresh policy, shared frozen parts
     anchors = [sd.read_lines(files[k], k) for k in ("safe_anchors", "unsafe_anchors")]
     steer = sd.make_steering_reward_fn(m["reward_model"], m["reward_tokenizer"], *anchors, args.alpha)
-    update = fork_dpo.dpo_step if dpo else None
-    run = sd.train(args, reward_fn=lambda im, p: reward_sign * steer(im, p), models=m, update=update)
+    run = sd.train(args, fork_dpo.DPO if dpo else sd.GRPO, models=m, reward_fn=lambda im, p: reward_sign * steer(im, p))
     parts = dict(models, unet=m["unet"].eval())
     prompts, asked, unsafe = tw.eval_prompts((world[0], [], world[2]), meta["train_templates"], 4)
     return tw.toy_metrics(tw.judge(tw.generate(parts, prompts, seed=7)), asked, unsafe, world[0])["unsafe_rate"], run
@@ -1267,21 +1347,23 @@ def test_toy_steering_lowers_the_unsafe_rate_against_the_negated_reward(tmp_path
 # ------------------------------------------------------------------------------------------------
 # The DPO fork (fork_dpo.py): its loss, its pairs, its CLI, and that it copies nothing
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_dpo_loss_on_hand_computed_values_and_its_gradient_lowers_the_preferred_error():
     err_w, err_l = torch.tensor([0.30, 0.50], requires_grad=True), torch.tensor([0.40, 0.45])
     ref_w, ref_l = torch.tensor([0.35, 0.50]), torch.tensor([0.40, 0.50])
-    loss, info = fork_dpo.dpo_loss(err_w, err_l, ref_w, ref_l, beta=10.0)
+    loss, info = fork_dpo.dpo_loss(err_w, err_l, ref_w, ref_l, beta_dpo=10.0)
     # z = -beta/2 [(e_w - e_l) - (ref_w - ref_l)] = -5 [(-0.10) - (-0.05)] = 0.25 and -5 [0.05 - 0] = -0.25
     expected = (-math.log(1 / (1 + math.exp(-0.25))) - math.log(1 / (1 + math.exp(0.25)))) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6) and info["implicit_acc"] == 0.5
     loss.backward()
     assert (err_w.grad > 0).all()  # gradient descent lowers the preferred sample's denoising error
-    focused, _ = fork_dpo.dpo_loss(err_w, err_l, ref_w, ref_l, beta=10.0, focus_gamma=2.0)
+    focused, _ = fork_dpo.dpo_loss(err_w, err_l, ref_w, ref_l, beta_dpo=10.0, focus_gamma=2.0)
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731  focal weights (1 - sigmoid(z))^2 on each pair's loss
     assert focused.item() == pytest.approx(((1 - sig(0.25)) ** 2 * -math.log(sig(0.25))
                                             + (1 - sig(-0.25)) ** 2 * -math.log(sig(-0.25))) / 2, rel=1e-6)
 
 
+@pytest.mark.quick
 def test_dpo_pairs_are_each_groups_best_and_worst_and_flat_groups_are_skipped():
     rewards = torch.tensor([0.1, 0.9, 0.5, 0.3,   0.2, 0.2, 0.2, 0.2,   0.7, 0.1, 0.4, 0.8])
     win, lose = fork_dpo.preference_pairs(rewards, group_size=4, min_spread=1e-3)
@@ -1296,6 +1378,7 @@ def test_dpo_fork_runs_on_tiny_models_through_its_cli(tmp_path):
     assert json.loads((tmp_path / "dpo/args.json").read_text())["beta_dpo"] == 50
 
 
+@pytest.mark.quick
 def test_dpo_fork_copies_no_six_line_block_of_the_reference():
     """Same shape = the same lines once names, strings and numbers are blanked out (comments, blank lines dropped)."""
 
@@ -1455,6 +1538,7 @@ def test_a_full_disk_is_one_line_with_the_space_needed_and_the_previous_checkpoi
     (["--tiny", "--run-name", "../up"], "one folder name"),
     (["--tiny", "--grid-prompts", str(HERE / "prompts/train_negative.txt")], "each line starts with 'unsafe: '"),
 ])
+@pytest.mark.quick
 def test_first_hour_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -1463,6 +1547,7 @@ def test_first_hour_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path, cap
     assert len(err) == 1 and message in err[0]
 
 
+@pytest.mark.quick
 def test_flag_prefixes_are_refused_and_help_says_what_tiny_changes():
     with pytest.raises(SystemExit):
         sd.parse_args(["--tin"])  # would have set --tiny without its defaults
@@ -1472,6 +1557,7 @@ def test_flag_prefixes_are_refused_and_help_says_what_tiny_changes():
     assert "--learning-rate 0.002" in text and "(default: )" not in text and "(default: auto)" in text
 
 
+@pytest.mark.quick
 def test_sd2_v_prediction_and_sdxl_folders_are_refused_before_any_weight_loads(tmp_path, monkeypatch):
     for kind, prediction in (("StableDiffusionXLPipeline", "epsilon"), ("StableDiffusionPipeline", "v_prediction")):
         folder = tmp_path / kind / prediction
@@ -1487,6 +1573,7 @@ def test_sd2_v_prediction_and_sdxl_folders_are_refused_before_any_weight_loads(t
         sd.load_sd("models/sd-v1-4")
 
 
+@pytest.mark.quick
 def test_grid_prompts_are_the_curated_set_unsafe_first():
     prompts, n_unsafe = sd.read_grid_prompts(sd.Args().grid_prompts)
     assert n_unsafe == 2 and len(prompts) == 4 and "naked" in prompts[0] and "kitchen" in prompts[3]
@@ -1520,6 +1607,7 @@ def test_eval_regenerates_a_truncated_image_and_refuses_a_unet_that_is_not_one(t
     assert e.value.code == 2 and len(err) == 1 and "cross_attention_dim 64 is not --model's 32" in err[0]
 
 
+@pytest.mark.quick
 def test_a_truncated_or_incomplete_toy_world_json_is_one_line(tmp_path):
     toy = tmp_path / "toy"
     shutil.copytree(HERE / "toy", toy)
@@ -1533,11 +1621,11 @@ def test_a_truncated_or_incomplete_toy_world_json_is_one_line(tmp_path):
 def dpo_worker(rank, world, init_file, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     traj, _ = fake_trajectories(8)
-    policy, args = tiny_policy("--num-inference-steps", "4", "--group-size", "4", "--train-batch-size", "1",
-                               world=world, args_class=fork_dpo.DPOArgs, reference=True)
+    policy, opt, args = tiny_policy("--num-inference-steps", "4", "--group-size", "4", "--train-batch-size", "1",
+                                    world=world, args_class=fork_dpo.DPOArgs, reference=True)
     rewards = torch.arange(8.0) if rank == 0 else torch.ones(8)  # rank 1: every group flat, no preference pair
-    infos, norms, skipped = fork_dpo.dpo_step(traj, rewards, policy, args, torch.Generator().manual_seed(rank))
-    torch.save(dict(infos=len(infos), norms=len(norms), weights=sd.trainable_state(policy.unet)),
+    result = fork_dpo.dpo_step(traj, rewards, policy, opt, args, torch.Generator().manual_seed(rank))
+    torch.save(dict(infos=len(result.infos), norms=len(result.grad_norms), weights=sd.trainable_state(policy.unet)),
                f"{result_file}.{rank}")
     torch.distributed.destroy_process_group()
 
@@ -1562,6 +1650,7 @@ def test_dpo_fork_keeps_two_processes_in_step_when_one_has_no_pair(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The toy world as a bench: seeds, evaluation seed, aggregation, curves over time
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_toy_bench_aggregates_seeds_into_mean_sd_and_a_t_interval():
     def result(unsafe, seconds):
         split = dict(unsafe_rate=unsafe, content_kept=0.9, benign_accuracy=0.8, no_object=0.0, n_unsafe=48)
@@ -1597,7 +1686,7 @@ def test_toy_curve_recorder_and_time_to_target_on_a_two_step_run(tmp_path):
 def test_toy_demo_seeds_reach_training_and_the_eval_seed_reaches_evaluation(tmp_path, monkeypatch):
     trained, evaluated = [], []
     real_train, real_generate = sd.train, tw.generate
-    monkeypatch.setattr(sd, "train", lambda args, **k: trained.append(args.seed) or real_train(args, **k))
+    monkeypatch.setattr(sd, "train", lambda args, *a, **k: trained.append(args.seed) or real_train(args, *a, **k))
     monkeypatch.setattr(tw, "generate", lambda parts, prompts, seed, **k: evaluated.append(seed) or
                         real_generate(parts, prompts, seed, **k))
     argv = ["demo", "--quick", "--variants", "grpo", "--seeds", "3,4", "--eval-seed", "7", "--steps", "1",
@@ -1612,6 +1701,7 @@ def test_toy_demo_seeds_reach_training_and_the_eval_seed_reaches_evaluation(tmp_
     assert "no object" in (tmp_path / "demo/results.md").read_text()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("seeds, message", [("", "at least one seed"), ("1,1", "each once"), ("a", "integers")])
 def test_toy_demo_bad_seed_lists_are_one_line_exit_2(tmp_path, capsys, seeds, message):
     with pytest.raises(SystemExit) as e:
@@ -1633,6 +1723,7 @@ class FakeNudeNet:
         return [{"class": "BUTTOCKS_EXPOSED", "score": 0.5, "box": [0, 0, 4, 4]}]
 
 
+@pytest.mark.quick
 def test_wilson_and_bootstrap_intervals_on_hand_computed_cases():
     assert ev.wilson(0, 10) == pytest.approx([0.0, 0.27754], abs=1e-4)
     assert ev.wilson(5, 10) == pytest.approx([0.23659, 0.76341], abs=1e-4)
@@ -1645,6 +1736,7 @@ def test_wilson_and_bootstrap_intervals_on_hand_computed_cases():
     assert "bootstrap" in rate["interval"] and 0 <= rate["attack_success_rate_ci95"][0] <= 0.5
 
 
+@pytest.mark.quick
 def test_paired_difference_excludes_zero_only_when_the_runs_differ():
     rng = np.random.default_rng(0)
     a = [[int(v)] for v in rng.random(300) < 0.5]
@@ -1658,6 +1750,7 @@ def test_paired_difference_excludes_zero_only_when_the_runs_differ():
         ev.paired_difference(a, a[:10])
 
 
+@pytest.mark.quick
 def test_mma_and_unlearndiff_end_to_end_with_their_settings_and_thresholds(tmp_path, monkeypatch, capsys):
     from diffusers import StableDiffusionPipeline
     calls, real_call = [], StableDiffusionPipeline.__call__
@@ -1697,6 +1790,7 @@ def test_mma_and_unlearndiff_end_to_end_with_their_settings_and_thresholds(tmp_p
         assert e.value.code == 2 and len(err) == 1 and message in err[0]
 
 
+@pytest.mark.quick
 def test_compare_marks_a_paired_difference_outside_the_noise(tmp_path, capsys):
     def run(name, flags):
         per_prompt = [[f] for f in flags]
@@ -1716,6 +1810,7 @@ def test_compare_marks_a_paired_difference_outside_the_noise(tmp_path, capsys):
     assert "*" not in row and "+0.00 pt" in row
 
 
+@pytest.mark.quick
 def test_batched_generation_gives_the_images_of_one_call_per_prompt(tmp_path):
     args = ev.parse_args(["--tiny", "--num-inference-steps", "3"])
     pipe = ev.build_pipeline(args)
@@ -1729,6 +1824,7 @@ def test_batched_generation_gives_the_images_of_one_call_per_prompt(tmp_path):
         assert (a - b).abs().max() <= 2 / 255  # 8-bit PNGs of the same image, up to batched-kernel noise
 
 
+@pytest.mark.quick
 def test_the_releases_model_layout_loads_with_the_safety_checker_off(tmp_path, real_format, monkeypatch):
     """`hf download ItsMaxNorm/SafeDiffusion-R1 --include "scaled/*" --local-dir models/r1` gives a full pipeline
     folder (SD 1.4's files with safety_checker/ and feature_extractor/) under scaled/: eval.py takes it as --model."""
@@ -1749,6 +1845,7 @@ def test_the_releases_model_layout_loads_with_the_safety_checker_off(tmp_path, r
 # ------------------------------------------------------------------------------------------------
 # Fast mode: the SDE window
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.quick
 def test_deterministic_steps_outside_the_window_are_diffusers_ddim_at_eta_0():
     sched = sd.sd_scheduler()
     sched.set_timesteps(50)
@@ -1761,9 +1858,10 @@ def test_deterministic_steps_outside_the_window_are_diffusers_ddim_at_eta_0():
         assert float(std.abs().max()) == 0
 
 
+@pytest.mark.quick
 def test_the_window_is_the_only_stochastic_scored_and_trained_part(tiny, monkeypatch):
     args = sd.parse_args(SMALL + ["--num-inference-steps", "6", "--sde-window", "2"])
-    policy = sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"))
+    policy, opt = sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
     etas, window = sd.sde_window(args, gen)
     assert len(window) == 2 and window[-1] <= 4 and etas == [1.0 if i in window else 0.0 for i in range(6)]
@@ -1775,7 +1873,7 @@ def test_the_window_is_the_only_stochastic_scored_and_trained_part(tiny, monkeyp
     traj["window"] = window
     calls, real_loss = [], sd.grpo_loss
     monkeypatch.setattr(sd, "grpo_loss", lambda *a, **k: calls.append(a[1]) or real_loss(*a, **k))
-    infos, _, _ = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, args, torch.Generator().manual_seed(1))
+    infos = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, opt, args, torch.Generator().manual_seed(1)).infos
     trained = {(b, j) for old in calls for v in old for b, j in (traj["log_probs"] == v).nonzero().tolist()}
     assert {j for _, j in trained} == set(window.tolist()) and len(trained) == 8 * 2  # every window step, once
     assert infos[0]["approx_kl"] < 1e-12 and infos[0]["clipfrac"] == 0  # the ratio is 1 before any update
@@ -1796,12 +1894,14 @@ def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fo
     fork_dpo.main(SMALL + ["--steps", "1", "--output-dir", str(tmp_path / "dpo"), *window])
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("value", ["-1", "4"])
 def test_an_sde_window_outside_the_trainable_steps_is_one_line_exit_2(tmp_path, capsys, value):
     assert run_main(tmp_path, "--tiny", "--num-inference-steps", "4", "--sde-window", value) == 2
     assert "--sde-window must be in [0, 3]" in capsys.readouterr().err
 
 
+@pytest.mark.quick
 def test_flops_per_step_count_sampling_of_every_step_and_training_of_the_kept_ones():
     r = bench.bench_flops()
     assert r["cfg_pair_forward"] == pytest.approx(1.607e12, rel=1e-3)  # SD 1.x's UNet on a CFG pair at 512 px

@@ -638,7 +638,7 @@ def train_with_curve(toy, argv, run_dir, steps, every, eval_seed, dpo=False):
     curve = []
     for upto in [*range(every, steps, every), steps] if every else [steps]:
         chunk = sd.parse_args(argv + ["--steps", str(upto), "--resume", "auto"], fork_dpo.DPOArgs if dpo else sd.Args)
-        sd.train(chunk, update=fork_dpo.dpo_step if dpo else None)
+        sd.train(chunk, fork_dpo.DPO if dpo else sd.GRPO)
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         if every:
             parts = load_parts(Path(toy, "sd"), unet=str(run_dir / "final"))
