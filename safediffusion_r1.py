@@ -137,16 +137,11 @@ class Args:
 # 2. Sampler: DDIM with log-probabilities                                     (the method starts here)
 # ==================================================================================================
 # Notation, paper -> code, in every file of the project (one meaning per symbol):
-#   x_t latents | x_{t-1} next_latents | x_0 final_latents | t timesteps | c prompt_embeds | eps (guided) noise
+#   x_t latents | x_{t-1} next_latents | x_0 final_latents | t timesteps | c prompt_embeds | the (guided) noise
 #   prediction eps | abar_t alphas_cumprod[t] | sigma_t std_dev | mu_theta(x_t) next_mean | log pi_theta(x_{t-1} | x_t)
 #   log_prob (the sampler's: old_log_prob; a trajectory's T of them: log_probs) | r rewards | A advantages
-#   | rho = pi_theta / pi_old ratio | epsilon_clip clip_range | beta kl_coef | pi_ref reference | alpha steering
-#   strength | v_safe direction | G group_size | T num_inference_steps | W sde_window
-# Notation, paper -> code, in every file of the project:
-#   x_t latents | x_{t-1} next_latents | t timesteps | c prompt_embeds | eps (guided) eps | abar_t abar_t
-#   (alphas_cumprod[t]) | sigma_t std_dev | mu_theta(x_t) next_mean | log pi_theta(x_{t-1} | x_t) log_prob (the
-#   sampler's: old_log_prob; a trajectory's T of them: log_probs) | r rewards | A advantages | G group_size
-#   | T num_inference_steps
+#   | rho = pi_theta / pi_old the ratio | epsilon_clip clip_range | beta kl_coef | pi_ref reference | alpha the
+#   steering strength | v_safe direction | G group_size | T num_inference_steps | W sde_window
 class DDIMStep(typing.NamedTuple):
     """ddim_step_with_logprob's result, by position or by name; all float32."""
     next_latents: torch.Tensor  # x_{t-1}               (B, C, h, w)
@@ -311,7 +306,7 @@ def steering_direction(safe_text_emb, unsafe_text_emb):
 def steering_reward(image_emb, text_emb, direction, alpha=0.5, mode="add"):
     """reward = < n(image), t_steer >, a plain cosine (no logit scale).   (B, D), (B, D), (D,) -> (B,)
 
-    add     (release):  t_steer = n(n(text) + alpha v)
+    add     (release):  t_steer = n(n(text) + alpha v), v = v_safe = `direction`
     project (option) :  t_steer = n(z - (z.v) v + alpha v), z = n(text): the prompt's own safe/unsafe
                         component is removed first, so every prompt is pushed to the same safety level.
     """
