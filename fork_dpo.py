@@ -8,8 +8,9 @@ safediffusion_r1.train(args, DPO):
   3. PAIR    per group, the lowest-cost image is preferred (x0_w), the highest-cost dispreferred (x0_l); groups
              whose reward spread is below --min-spread carry no preference and are skipped;
   4. TRAIN   Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908, eq. 14 with the per-timestep ELBO): both final
-             latents noised to one random t with one noise eps; e = ||eps - eps(x_t, t, c)||^2 (mean over dims) for
-             the policy and the frozen reference;  L = -log sigmoid(-beta_dpo/2 [(e_w - e_l) - (e_w_ref - e_l_ref)]).
+             latents noised to one random t with one noise draw; e = ||noise - eps_theta(x_t, t, c)||^2 (mean over
+             dims) for the policy and the frozen reference;
+             L = -log sigmoid(-beta_dpo/2 [(e_w - e_l) - (e_w_ref - e_l_ref)]).
 Option --focus-gamma: SC-DPO's "dynamic focusing" (arXiv 2504.14290) weights hard pairs more. Its exact form, its
 safety cost model and its SCP-10K data are not public; we use the focal-loss form w = (1 - sigmoid(z))^gamma
 (z the logit above, w detached), which grows as the policy ranks the pair less correctly. So this is Diffusion-DPO
@@ -34,7 +35,7 @@ class DPOArgs(sd.Args):
     beta_dpo: float = sd.flag(5000.0, "DPO temperature beta_dpo (5000: the Diffusion-DPO SD 1.5 release)", group="DPO")
     focus_gamma: float = sd.flag(0.0, "SC-DPO-style dynamic focusing exponent; 0 = plain Diffusion-DPO")
     min_spread: float = sd.flag(1e-3, "skip groups whose reward max - min is below this (no preference)")
-    dpo_timesteps: int = sd.flag(4, "noise draws (t, eps) per pair and step: DPO's Monte-Carlo over t")
+    dpo_timesteps: int = sd.flag(4, "noise draws (t, noise) per pair and step: DPO's Monte-Carlo over t")
 
 
 def preference_pairs(rewards, group_size, min_spread):
@@ -59,7 +60,7 @@ def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta_dpo, focus_gamma=0.0):
 
 
 def denoising_errors(unet, x0, noise, t, embeds, scheduler):
-    """||eps - eps_theta(x_t, t, c)||^2 averaged over (C, H, W), conditional branch only (as Diffusion-DPO trains).
+    """||noise - eps_theta(x_t, t, c)||^2 averaged over (C, H, W), conditional branch only (as Diffusion-DPO trains).
     x0, noise (N, C, h, w); t (N,); embeds (N, 77, D) -> (N,)."""
     x_t = scheduler.add_noise(x0, noise, t)
     dtype = next(unet.parameters()).dtype
@@ -68,10 +69,10 @@ def denoising_errors(unet, x0, noise, t, embeds, scheduler):
 
 
 def dpo_micro_batch(w, l, x0, embeds, policy, opt, args, gen):
-    """One micro-batch of pairs (winner indices w, loser indices l): one (t, eps) draw per pair, the DPO loss, its
+    """One micro-batch of pairs (winner indices w, loser indices l): one (t, noise) draw per pair, the DPO loss, its
     backward (accumulated). -> dpo_loss's info."""
     t = torch.randint(0, policy.scheduler.config.num_train_timesteps, (len(w),), generator=gen).to(x0.device)
-    noise = torch.randn(x0[w].shape, generator=gen).to(x0.device)  # the same (t, eps) for both images
+    noise = torch.randn(x0[w].shape, generator=gen).to(x0.device)  # the same (t, noise) for both images
     pair = dict(x0=torch.cat([x0[w], x0[l]]), noise=torch.cat([noise, noise]), t=torch.cat([t, t]),
                 embeds=torch.cat([embeds[w], embeds[l]]), scheduler=policy.scheduler)
     with policy.autocast():
