@@ -101,6 +101,8 @@ class Args:
     sde_window: int = flag(0, "fast mode, a deviation: eta > 0 only on W consecutive denoising steps (placed at random "
                            "each step), deterministic DDIM elsewhere, and only those W trained (Flow-GRPO-Fast, "
                            "MixGRPO); 0 = every step stochastic and trainable, the paper's method")
+    sde_window_shift: int = flag(0, "with --sde-window: 0 = the window placed at random each step; N > 0 = it slides "
+                                 "one denoising step every N steps, from the noisiest, wrapping around (MixGRPO)")
     clip_range: float = flag(1e-4, "PPO clip range epsilon_clip: rho is clipped to [1 - it, 1 + it]")
     adv_clip_max: float = flag(2.5, "advantages clamped to +-this")
     kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL)")
@@ -211,15 +213,21 @@ def initial_noise(n, group, shape, generator):
     return torch.randn((n // group, *shape), generator=generator).repeat_interleave(group, dim=0)
 
 
-def sde_window(args, gen):
-    """The step's window of stochastic, trained denoising steps: W consecutive steps placed uniformly at random
-    among the T - 1 trainable ones, drawn from the run's generator (so resume replays it). -> (etas (T,), the
-    window's step indices (W,)), or (None, None) when --sde-window is 0 (every step stochastic, the default).
-    Random placement, not MixGRPO's sliding window: every noise level keeps being trained in every phase of the run."""
+def sde_window(args, gen, step=0):
+    """The step's window of stochastic, trained denoising steps: W consecutive ones among the T - 1 trainable, at one
+    of T - W starts. -> (etas (T,), the window's step indices (W,)), or (None, None) when --sde-window is 0 (every
+    step stochastic, the default). Placed uniformly at random, drawn from the run's generator (so resume replays it):
+    every noise level keeps being trained in every phase of the run; on the toy bench's validation seeds it did
+    better than sliding (README). Or, with --sde-window-shift N, sliding as
+    MixGRPO's (arXiv 2507.21802): from the noisiest steps one step later every N training steps, wrapping around
+    (MixGRPO's own schedule ends at the last step; wrapping keeps a long run training every noise level)."""
     if not args.sde_window:
         return None, None
     T, W = args.num_inference_steps, args.sde_window
-    start = int(torch.randint(0, T - W, (1,), generator=gen))
+    if args.sde_window_shift:
+        start = step // args.sde_window_shift % (T - W)
+    else:
+        start = int(torch.randint(0, T - W, (1,), generator=gen))
     return [args.eta if start <= i < start + W else 0.0 for i in range(T)], torch.arange(start, start + W)
 
 
@@ -272,16 +280,17 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
     return out
 
 
-def sample_trajectories(prompts, policy, models, args, gen):
+def sample_trajectories(prompts, policy, models, args, gen, step):
     """SAMPLE, the default Objective.sample: G trajectories per prompt, no grad, in batches of --sample-batch-size.
     prompts: P str -> Trajectories of B = P x G laid out as P consecutive groups of G (group_advantages relies on
-    that order), with "window" under --sde-window. Noise, window and DDIM noise all come from `gen`."""
+    that order), with "window" under --sde-window. Noise, window and DDIM noise all come from `gen`; `step` (the
+    training step, from 0) places a sliding window."""
     G, S = args.group_size, args.sample_batch_size
     B = len(prompts) * G
     embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts).repeat_interleave(G, 0)
     shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
     noise = initial_noise(B, G if args.share_noise else 1, shape, gen)  # x_T (B, C, h, w)
-    etas, window = sde_window(args, gen)  # None, None: every step stochastic (the default)
+    etas, window = sde_window(args, gen, step)  # None, None: every step stochastic (the default)
     chunks = [sample_with_logprob(policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds,
                                   num_inference_steps=args.num_inference_steps, eta=args.eta, etas=etas,
                                   guidance_scale=args.guidance_scale, generator=gen, latents=noise[i:i + S],
@@ -545,7 +554,7 @@ def optimizer_step(opt, max_grad_norm, result=None):
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A method as train() runs it, the fork contract. Each step, after drawing the prompts:
-        traj = sample(prompts, policy, models, args, gen)      Trajectories of B = P x G, in groups of G
+        traj = sample(prompts, policy, models, args, gen, step) Trajectories of B = P x G, in groups of G
         rewards = reward_fn(images, prompts)                   (B,) float, on the decoded x_0 (B, 3, H, W) in [0, 1]
         result = update(traj, rewards, policy, opt, args, gen) an UpdateResult; backward through opt.scaler, then
                                                                optimizer_step(opt, args.max_grad_norm, result)
@@ -588,7 +597,7 @@ def train(args, objective=GRPO, models=None, reward_fn=None):
                 marks = start_step(step, stop, opt, gen, run.device)  # clock readings, one per phase
                 # ================= SAMPLE: G trajectories per prompt, no grad =================
                 prompts = draw_prompts(run.negatives, n_neg, gen) + draw_prompts(run.positives, P - n_neg, gen)
-                traj = objective.sample(prompts, policy, models, args, gen)  # (B, T, ...), B = P x G
+                traj = objective.sample(prompts, policy, models, args, gen, step)  # (B, T, ...), B = P x G
                 marks.append(clock(run.device))
                 images = torch.cat([decode_latents(models["vae"], traj["final_latents"][i:i + S])
                                     for i in range(0, P * G, S)])  # (B, 3, H, W)
@@ -1006,7 +1015,8 @@ def step_summary(args, world, n_trainable):
             f"({round(P * args.negative_fraction)} negative) x group {G} = {B} trajectories | sampling {B // S} "
             f"batches of {S} | {n_micro} micro-batches of {args.train_batch_size} x {trained_timesteps(args)}/"
             f"{args.num_inference_steps} timesteps"
-            + (f" (SDE window of {args.sde_window}, placed at random each step)" if args.sde_window else "")
+            + (f" (SDE window of {args.sde_window}, " + (f"sliding one step every {args.sde_window_shift} steps)"
+               if args.sde_window_shift else "placed at random each step)") if args.sde_window else "")
             + f" | {n_micro // args.gradient_accumulation_steps} optimizer steps of "
             f"{args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
             f"{n_trainable:,} trainable params")
@@ -1576,6 +1586,8 @@ def check_args(args):
     need(0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
     need(0 <= args.sde_window <= args.num_inference_steps - 1, f"--sde-window must be in [0, "
          f"{args.num_inference_steps - 1}], the trainable steps of {args.num_inference_steps} (got {args.sde_window})")
+    need(args.sde_window_shift >= 0 and (args.sde_window or not args.sde_window_shift), "--sde-window-shift must be "
+         f">= 0 and needs --sde-window (got {args.sde_window_shift} with --sde-window {args.sde_window})")
     need(0 <= args.negative_fraction <= 1, f"--negative-fraction must be in [0, 1] (got {args.negative_fraction})")
     need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
     need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0,

@@ -341,9 +341,9 @@ def test_an_objective_replaces_sampler_reward_and_update_and_a_malformed_one_fai
     built, before any model loads; an info that lacks a declared metric is named."""
     calls = []
 
-    def sample(prompts, policy, models, args, gen):
+    def sample(prompts, policy, models, args, gen, step):
         calls.append("sample")
-        return sd.sample_trajectories(prompts, policy, models, args, gen)
+        return sd.sample_trajectories(prompts, policy, models, args, gen, step)
 
     def reward(images, prompts):
         calls.append("reward")
@@ -1889,7 +1889,8 @@ def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fo
     x, y = trainable(a, 4), trainable(b, 4)
     assert all(torch.equal(x[k], y[k]) for k in x)
     assert [r["sde_window_start"] for r in metrics(a)] == [r["sde_window_start"] for r in metrics(b)]
-    lora = sd.train(small_args(tmp_path / "l", "--steps", "1", "--lora-rank", "4", *window), reward_fn=brightness)
+    lora = sd.train(small_args(tmp_path / "l", "--steps", "1", "--lora-rank", "4", *window, "--sde-window-shift", "1"),
+                    reward_fn=brightness)
     assert (lora / "final/pytorch_lora_weights.safetensors").is_file()
     fork_dpo.main(SMALL + ["--steps", "1", "--output-dir", str(tmp_path / "dpo"), *window])
 
@@ -1899,6 +1900,22 @@ def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fo
 def test_an_sde_window_outside_the_trainable_steps_is_one_line_exit_2(tmp_path, capsys, value):
     assert run_main(tmp_path, "--tiny", "--num-inference-steps", "4", "--sde-window", value) == 2
     assert "--sde-window must be in [0, 3]" in capsys.readouterr().err
+    for bad in (["--sde-window", "2", "--sde-window-shift", "-1"], ["--sde-window-shift", "3"]):
+        assert run_main(tmp_path, "--tiny", *bad) == 2
+        assert "--sde-window-shift must be >= 0 and needs --sde-window" in capsys.readouterr().err
+
+
+@pytest.mark.quick
+def test_a_sliding_window_moves_one_step_every_shift_steps_from_the_noisiest_and_wraps():
+    """MixGRPO's placement: a function of the training step alone (resume needs nothing saved), no random draw."""
+    args = sd.parse_args(SMALL + ["--num-inference-steps", "6", "--sde-window", "2", "--sde-window-shift", "3"])
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    starts = [int(sd.sde_window(args, gen, step)[1][0]) for step in range(14)]
+    assert starts == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0]  # 4 starts keep the window in the 5 trainable steps
+    assert torch.equal(gen.get_state(), state)
+    etas, window = sd.sde_window(args, gen, 10)
+    assert window.tolist() == [3, 4] and etas == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
 
 
 @pytest.mark.quick

@@ -718,7 +718,7 @@ def bench_markdown(agg, seeds, eval_seed, protocol):
 
 COLOURS = dict(base="grey", grpo="black", grpo_alpha0="darkorange", grpo_kl0="purple", dpo="royalblue",
                dpo_focus="seagreen", grpo_w2="firebrick", grpo_w2_shared="orangered", grpo_w4="darkgreen",
-               grpo_w4_shared="olive", grpo_tf="teal")
+               grpo_w4_shared="olive", grpo_tf="teal", grpo_w2_slide="magenta")
 
 
 def plot_curves(path, curves):
@@ -740,12 +740,13 @@ def plot_curves(path, curves):
 
 # The variants a demo can train. alpha0: the plain CLIP score ("project" steering at alpha 0 still steers, so "add").
 # Fast mode (--sde-window, a deviation): W of the 9 trainable steps stochastic and trained, fresh or group-shared
-# initial noise; and --timestep-fraction at the training compute of W = 2 (2 of 9 steps, every step stochastic).
+# initial noise, or sliding (MixGRPO) over the 8 starts in 32 steps; and --timestep-fraction at the training compute
+# of W = 2 (2 of 9 steps, every step stochastic).
 VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
                 grpo_kl0=dict(kl_coef=0.0), dpo=DPO_RECIPE, dpo_focus=dict(DPO_RECIPE, focus_gamma=2.0),
                 grpo_w2=dict(sde_window=2), grpo_w2_shared=dict(sde_window=2, share_noise=True),
                 grpo_w4=dict(sde_window=4), grpo_w4_shared=dict(sde_window=4, share_noise=True),
-                grpo_tf=dict(timestep_fraction=0.25))
+                grpo_tf=dict(timestep_fraction=0.25), grpo_w2_slide=dict(sde_window=2, sde_window_shift=4))
 METHODS = dict(grpo=("grpo", "grpo_alpha0", "grpo_kl0"), dpo=("grpo", "dpo", "dpo_focus"))
 
 
