@@ -213,7 +213,7 @@ def initial_noise(n, group, shape, generator):
     return torch.randn((n // group, *shape), generator=generator).repeat_interleave(group, dim=0)
 
 
-def sde_window(args, gen, step=0):
+def sde_window(args, gen, step):
     """The step's window of stochastic, trained denoising steps: W consecutive ones among the T - 1 trainable, at one
     of T - W starts. -> (etas (T,), the window's step indices (W,)), or (None, None) when --sde-window is 0 (every
     step stochastic, the default). Placed uniformly at random, drawn from the run's generator (so resume replays it):
@@ -567,7 +567,8 @@ class Objective:
     reward_fn: typing.Optional[typing.Callable] = None  # REWARD; None: the steering reward of --reward-model
 
     def __post_init__(self):  # a malformed objective fails here, not after a whole step has been sampled and trained
-        if not all(callable(fn) for fn in (self.update, self.sample, self.reward_fn or self.update)):
+        reward_ok = self.reward_fn is None or callable(self.reward_fn)
+        if not (callable(self.update) and callable(self.sample) and reward_ok):
             raise TypeError("Objective: update, sample and reward_fn (or None) must be callables")
         if isinstance(self.metrics, str) or not all(isinstance(name, str) for name in self.metrics):
             raise TypeError(f"Objective.metrics must be a tuple of info names, got {self.metrics!r}")
@@ -1011,12 +1012,13 @@ def step_summary(args, world, n_trainable):
     """One line: how a step's trajectories split into sampling batches, micro-batches and optimizer steps."""
     P, G, S, B = args.prompts_per_step, args.group_size, args.sample_batch_size, args.prompts_per_step * args.group_size
     n_micro = B // args.train_batch_size
+    placement = (f"sliding one step every {args.sde_window_shift} steps" if args.sde_window_shift
+                 else "placed at random each step")
     return (f"per step{f' and process (x{world})' if world > 1 else ''}: {P} prompts "
             f"({round(P * args.negative_fraction)} negative) x group {G} = {B} trajectories | sampling {B // S} "
             f"batches of {S} | {n_micro} micro-batches of {args.train_batch_size} x {trained_timesteps(args)}/"
             f"{args.num_inference_steps} timesteps"
-            + (f" (SDE window of {args.sde_window}, " + (f"sliding one step every {args.sde_window_shift} steps)"
-               if args.sde_window_shift else "placed at random each step)") if args.sde_window else "")
+            + (f" (SDE window of {args.sde_window}, {placement})" if args.sde_window else "")
             + f" | {n_micro // args.gradient_accumulation_steps} optimizer steps of "
             f"{args.train_batch_size * args.gradient_accumulation_steps * world} trajectories | "
             f"{n_trainable:,} trainable params")

@@ -1863,7 +1863,7 @@ def test_the_window_is_the_only_stochastic_scored_and_trained_part(tiny, monkeyp
     args = sd.parse_args(SMALL + ["--num-inference-steps", "6", "--sde-window", "2"])
     policy, opt = sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
-    etas, window = sd.sde_window(args, gen)
+    etas, window = sd.sde_window(args, gen, 0)
     assert len(window) == 2 and window[-1] <= 4 and etas == [1.0 if i in window else 0.0 for i in range(6)]
     embeds = sd.encode_prompts(tiny["tokenizer"], tiny["text_encoder"], ["a", "b"]).repeat_interleave(4, 0)
     traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds, num_inference_steps=6,
