@@ -1880,7 +1880,7 @@ def test_the_window_is_the_only_stochastic_scored_and_trained_part(tiny, monkeyp
 
 
 def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fork(tmp_path):
-    window = ["--sde-window", "2", "--share-noise"]
+    window = ["--sde-window", "2", "--share-noise", "--sde-window-placement", "random"]  # resume replays its draws
     a = sd.train(small_args(tmp_path / "a", "--steps", "2", "--save-every", "1", "--run-name", "r", *window),
                  reward_fn=brightness)
     sd.train(small_args(tmp_path / "a", "--steps", "4", "--save-every", "1", "--run-name", "r", "--resume", "latest",
@@ -1889,8 +1889,8 @@ def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fo
     x, y = trainable(a, 4), trainable(b, 4)
     assert all(torch.equal(x[k], y[k]) for k in x)
     assert [r["sde_window_start"] for r in metrics(a)] == [r["sde_window_start"] for r in metrics(b)]
-    lora = sd.train(small_args(tmp_path / "l", "--steps", "1", "--lora-rank", "4", *window, "--sde-window-shift", "1"),
-                    reward_fn=brightness)
+    lora = sd.train(small_args(tmp_path / "l", "--steps", "1", "--lora-rank", "4", "--sde-window", "2",
+                               "--sde-window-placement", "slide", "--sde-window-shift", "1"), reward_fn=brightness)
     assert (lora / "final/pytorch_lora_weights.safetensors").is_file()
     fork_dpo.main(SMALL + ["--steps", "1", "--output-dir", str(tmp_path / "dpo"), *window])
 
@@ -1900,15 +1900,21 @@ def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fo
 def test_an_sde_window_outside_the_trainable_steps_is_one_line_exit_2(tmp_path, capsys, value):
     assert run_main(tmp_path, "--tiny", "--num-inference-steps", "4", "--sde-window", value) == 2
     assert "--sde-window must be in [0, 3]" in capsys.readouterr().err
-    for bad in (["--sde-window", "2", "--sde-window-shift", "-1"], ["--sde-window-shift", "3"]):
+    slide = ["--sde-window", "2", "--sde-window-placement", "slide"]
+    for bad, says in (([*slide, "--sde-window-shift", "-1"], "--sde-window-shift N (N >= 1) goes with"),
+                      (slide, "--sde-window-shift N (N >= 1) goes with"),
+                      (["--sde-window", "2", "--sde-window-shift", "3"], "goes with --sde-window-placement slide"),
+                      (["--sde-window-shift", "3"], "they need --sde-window W"),
+                      (["--sde-window-placement", "random"], "they need --sde-window W")):
         assert run_main(tmp_path, "--tiny", *bad) == 2
-        assert "--sde-window-shift must be >= 0 and needs --sde-window" in capsys.readouterr().err
+        assert says in capsys.readouterr().err
 
 
 @pytest.mark.quick
 def test_a_sliding_window_moves_one_step_every_shift_steps_from_the_noisiest_and_wraps():
     """MixGRPO's placement: a function of the training step alone (resume needs nothing saved), no random draw."""
-    args = sd.parse_args(SMALL + ["--num-inference-steps", "6", "--sde-window", "2", "--sde-window-shift", "3"])
+    args = sd.parse_args(SMALL + ["--num-inference-steps", "6", "--sde-window", "2", "--sde-window-placement", "slide",
+                                  "--sde-window-shift", "3"])
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
     starts = [int(sd.sde_window(args, gen, step)[1][0]) for step in range(14)]
@@ -1916,6 +1922,20 @@ def test_a_sliding_window_moves_one_step_every_shift_steps_from_the_noisiest_and
     assert torch.equal(gen.get_state(), state)
     etas, window = sd.sde_window(args, gen, 10)
     assert window.tolist() == [3, 4] and etas == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.quick
+def test_the_first_window_is_the_noisiest_steps_always_and_the_random_one_draws_its_place():
+    """The default placement: the W noisiest steps at every training step, no random draw (the run's noise is the
+    same as with any other fixed placement); random: a start in [0, T - W) from the run's generator."""
+    argv = SMALL + ["--num-inference-steps", "6", "--sde-window", "2", "--eta", "0.7"]
+    first, rand = sd.parse_args(argv), sd.parse_args(argv + ["--sde-window-placement", "random"])
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert all(sd.sde_window(first, gen, step)[1].tolist() == [0, 1] for step in range(20))
+    assert torch.equal(gen.get_state(), state) and sd.sde_window(first, gen, 7)[0] == [0.7, 0.7, 0, 0, 0, 0]
+    starts = {int(sd.sde_window(rand, gen, step)[1][0]) for step in range(200)}
+    assert starts == {0, 1, 2, 3} and not torch.equal(gen.get_state(), state)
 
 
 @pytest.mark.quick
@@ -1928,3 +1948,5 @@ def test_flops_per_step_count_sampling_of_every_step_and_training_of_the_kept_on
     assert default["flops"] == pytest.approx(64 * 50 * pair + 64 * 49 * train)
     assert w2["flops"] == pytest.approx(64 * 50 * pair + 64 * 2 * train) and w2["fraction_of_default"] < 0.25
     assert rows["--timestep-fraction 0.25"]["trained_timesteps"] == 12
+    fast = rows["--sde-window 1 --share-noise (fast mode)"]
+    assert fast["flops"] == pytest.approx(64 * 50 * pair + 64 * 1 * train) and fast["trained_timesteps"] == 1
