@@ -1026,11 +1026,12 @@ def test_two_process_update_equals_the_single_process_update(tmp_path, tiny):
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6)
 
 
-def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path):
+@pytest.mark.parametrize("fast_mode", [[], ["--sde-window", "1", "--share-noise"]], ids=["default", "fast_mode"])
+def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path, fast_mode):
     out = tmp_path / "runs"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29517", str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "2",
-                           "--output-dir", str(out)],
+                           "--output-dir", str(out), *fast_mode],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1040,6 +1041,7 @@ def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path):
     assert len(state["generators"]) == 2 and not torch.equal(*state["generators"])  # one RNG per rank
     assert (run_dir / "final/unet/config.json").is_file()
     assert proc.stdout.count("step 2/2 |") == 1  # only rank 0 logs
+    assert all(r.get("sde_window_start") == (0 if fast_mode else None) for r in metrics(run_dir))
 
 
 def test_sigkill_mid_run_then_resume_latest_matches_an_uninterrupted_run(tmp_path):
