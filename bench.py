@@ -541,6 +541,19 @@ def fmt(t):
     return f"{t['median'] * 1e3:9.1f} ms (min {t['min'] * 1e3:.1f}, max {t['max'] * 1e3:.1f})"
 
 
+def flops_lines(fl):
+    """bench_flops()'s result -> the printed lines: the counted CFG pair, then per recipe its FLOPs per step, its
+    share of the default's and the predicted hours."""
+    lines = [f"flops    SD 1.x UNet, one CFG pair at 512 px: forward {fl['cfg_pair_forward'] / 1e12:.2f} TFLOP, "
+             f"forward + backward {fl['cfg_pair_forward_backward'] / 1e12:.2f}; hours at an assumed "
+             f"{fl['effective_tflops']:.0f} TFLOP/s"]
+    for row in fl["rows"]:
+        lines.append(f"flops    {row['recipe']:41s} {row['trained_timesteps']:2d} trained timesteps: "
+                     f"{row['flops'] / 1e15:5.1f} PFLOP per step ({100 * row['fraction_of_default']:5.1f}% of the "
+                     f"default) | --steps 300: {row['hours_300']:6.1f} h | --steps 2400: {row['hours_2400']:6.1f} h")
+    return lines
+
+
 def report(r):
     """The figures of one bench.json as the printed tables."""
     out = io.StringIO()
@@ -579,14 +592,8 @@ def report(r):
           f"(static {sum(mem['static_gib'].values()):.1f} GiB + 2 x {mem['activations_per_trajectory_gib']:.2f} GiB "
           "activations); "
           f"largest micro-batch {mem['largest_micro_batch_24gb']}")
-    fl = r["flops"]
-    p(f"flops    SD 1.x UNet, one CFG pair at 512 px: forward {fl['cfg_pair_forward'] / 1e12:.2f} TFLOP, forward + "
-      f"backward {fl['cfg_pair_forward_backward'] / 1e12:.2f}; hours at an assumed {fl['effective_tflops']:.0f} "
-      "TFLOP/s")
-    for row in fl["rows"]:
-        p(f"flops    {row['recipe']:30s} {row['trained_timesteps']:2d} trained timesteps: {row['flops'] / 1e15:5.1f} "
-          "PFLOP per step ({100 * row['fraction_of_default']:5.1f}% of the default) | --steps 300: "
-          f"{row['hours_300']:6.1f} h | --steps 2400: {row['hours_2400']:6.1f} h")
+    for line in flops_lines(r["flops"]):
+        p(line)
     sc = r["scaling"]
     for row in sc["rows"]:
         p(f"scaling  G {row['group_size']:2d} T {row['steps']:2d}: {row['seconds']['median']:.3f} s, "

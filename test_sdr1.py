@@ -1952,3 +1952,5 @@ def test_flops_per_step_count_sampling_of_every_step_and_training_of_the_kept_on
     assert rows["--timestep-fraction 0.25"]["trained_timesteps"] == 12
     fast = rows["--sde-window 1 --share-noise (fast mode)"]
     assert fast["flops"] == pytest.approx(64 * 50 * pair + 64 * 1 * train) and fast["trained_timesteps"] == 1
+    printed = [line for line in bench.flops_lines(r) if "--sde-window 1" in line]
+    assert len(printed) == 1 and f"({100 * fast['fraction_of_default']:5.1f}% of the default)" in printed[0]
