@@ -292,7 +292,7 @@ def bench_flops():
     for name, argv in FAST_RECIPES.items():
         a = sd.parse_args(argv)
         B, T, K = a.prompts_per_step * a.group_size, a.num_inference_steps, sd.trained_timesteps(a)
-        per_timestep = pair_train + pair * (a.gradient_checkpointing + (a.kl_coef > 0))
+        per_timestep = pair_train + pair * ((a.gradient_checkpointing is not False) + (a.kl_coef > 0))  # 24 GB plan
         flops = B * T * pair + B * K * per_timestep
         hours = {n: n * flops / (EFFECTIVE_TFLOPS * 1e12) / 3600 for n in (300, 2400)}
         rows.append(dict(recipe=name, trained_timesteps=K, flops=flops, hours_300=hours[300], hours_2400=hours[2400]))

@@ -95,7 +95,10 @@ class Args:
     steps: int = flag(300, "outer steps: sample -> reward -> train (one GPU's share of a release epoch)", group="GRPO")
     prompts_per_step: int = flag(4, "prompts sampled per step (4 per GPU in the release)")
     group_size: int = flag(16, "images per prompt G")
-    train_batch_size: int = flag(2, "trajectories per training micro-batch")
+    train_batch_size: typing.Union[int, str] = flag(
+        "auto", "trajectories per training micro-batch; auto = on a GPU the largest that fits (memory_plan), 2 on the "
+        "CPU, the accumulation re-split so each optimizer step still averages 2 x --gradient-accumulation-steps "
+        "trajectories: the same update")
     gradient_accumulation_steps: int = flag(16, "micro-batches per optimizer step (2 x 16 = the release's 8 x 4)")
     timestep_fraction: float = flag(1.0, "fraction of the T-1 trainable denoising steps trained per trajectory")
     sde_window: int = flag(0, "fast mode, a deviation: eta > 0 only on W consecutive denoising steps, deterministic "
@@ -107,6 +110,11 @@ class Args:
                                      choices=["first", "random", "slide"])
     sde_window_shift: int = flag(0, "with --sde-window-placement slide: training steps between two moves (N >= 1)")
     clip_range: float = flag(1e-4, "PPO clip range epsilon_clip: rho is clipped to [1 - it, 1 + it]")
+    old_log_prob: str = flag("on-policy", "pi_old's log-prob in rho: on-policy = the policy's own, detached, until the "
+                             "step's first weight update (rho exactly 1: it IS pi_old), then the sampler's; sampler = "
+                             "the sampler's throughout (DDPO, the release); recompute = every one scored again at the "
+                             "training micro-batch's shape before the update (~+20%% of TRAIN)",
+                             choices=["on-policy", "sampler", "recompute"])
     adv_clip_max: float = flag(2.5, "advantages clamped to +-this")
     kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL)")
     # -- optimisation --
@@ -118,7 +126,10 @@ class Args:
     max_grad_norm: float = flag(1.0, "gradient-norm clip")
     lora_rank: int = flag(0, "0 = full UNet fine-tune (the release); R > 0 = LoRA of rank R (needs peft)")
     # -- memory and speed (diffusers' flag names) --
-    gradient_checkpointing: bool = flag(True, "recompute UNet activations in backward", group="memory and speed")
+    gradient_checkpointing: bool = flag(None, "recompute UNet activations in backward; unset: --train-batch-size auto "
+                                        "turns it off when the plan fits without it, else on", group="memory and speed")
+    max_memory_gib: float = flag(0.0, "cap this process's GPU memory (a shared GPU; a 24 GB card's plan and peak on a "
+                                 "bigger one: 24); 0 = the whole card")
     mixed_precision: str = flag("bf16", "autocast dtype; frozen models are kept in it", choices=["no", "fp16", "bf16"])
     allow_tf32: bool = flag(True, "TF32 matmuls on Ampere+ GPUs")
     device: str = flag("auto", "torch device: cuda, cpu, cuda:1, ...; auto = cuda when a GPU is visible, else cpu")
@@ -187,8 +198,7 @@ def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
     t = torch.as_tensor(timesteps, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
     # "leading" spacing: the previous timestep is t - 1000 / T; before 0 diffusers uses final_alpha_cumprod
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    abar = scheduler.alphas_cumprod.to(x_t.device)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=x_t.device, dtype=abar.dtype)
+    abar, final = schedule_on(scheduler, x_t.device)
     abar_t, abar_prev = abar[t], torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
     abar_t, abar_prev = (a.float().view(-1, *[1] * (x_t.ndim - 1)) for a in (abar_t, abar_prev))
 
@@ -197,6 +207,16 @@ def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
     std_dev = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
     next_mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std_dev**2).sqrt() * eps
     return next_mean, std_dev
+
+
+def schedule_on(scheduler, device):
+    """The scheduler's abar_t table (1000,) and final abar (), on `device`, copied there once per scheduler: a copy in
+    every DDIM call made the host wait for the GPU twice per UNet call."""
+    tables = scheduler.__dict__.setdefault("_tables_on", {})  # diffusers' config attributes are read-only
+    if device not in tables:
+        abar = scheduler.alphas_cumprod.to(device)
+        tables[device] = abar, torch.as_tensor(scheduler.final_alpha_cumprod, dtype=abar.dtype).to(device)
+    return tables[device]
 
 
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
@@ -406,19 +426,28 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0
     kl_coef is beta.
 
     L = mean( max(-A rho, -A clip(rho, 1 - epsilon_clip, 1 + epsilon_clip)) ) + beta mean(KL),
-    rho = exp(log_prob - old_log_prob). Returns (loss, info) with the PPO diagnostics. approx_kl = 0.5 mean((log rho)^2)
-    is the low-variance "k2" estimate of KL(old || new) (Schulman, "Approximating KL divergence", 2020): never
-    negative, and what DDPO logs, so runs compare. clipfrac = share of samples whose rho left [1 -+ epsilon_clip].
+    rho = exp(log_prob - old_log_prob). Returns (loss, info) with the PPO diagnostics as 0-dim tensors (a .item() here
+    would stop the host for the GPU four times a term; grpo_update turns a whole update's infos into floats at once).
+    approx_kl = 0.5 mean((log rho)^2) is the low-variance "k2" estimate of KL(old || new) (Schulman, "Approximating KL
+    divergence", 2020): never negative, and what DDPO logs, so runs compare. clipfrac = share of samples whose rho
+    left [1 -+ epsilon_clip].
     """
     rho = torch.exp(log_prob - old_log_prob)
     policy_loss = torch.maximum(-advantages * rho, -advantages * rho.clamp(1 - clip_range, 1 + clip_range)).mean()
-    kl_mean = torch.zeros(()) if kl is None else kl.mean()
+    kl_mean = torch.zeros((), device=log_prob.device) if kl is None else kl.mean()
     loss = policy_loss + kl_coef * kl_mean if kl is not None and kl_coef else policy_loss
     with torch.no_grad():
-        info = dict(policy_loss=policy_loss.item(), kl=kl_mean.item(),
-                    approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
-                    clipfrac=((rho - 1).abs() > clip_range).float().mean().item())
+        info = dict(policy_loss=policy_loss.detach(), kl=kl_mean.detach(),
+                    approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean(),
+                    clipfrac=((rho - 1).abs() > clip_range).float().mean())
     return loss, info
+
+
+def as_floats(infos):
+    """[{name: 0-dim tensor or float}] -> [{name: float}], with one device-to-host copy for the whole update."""
+    tensors = [v.float() for i in infos for v in i.values() if torch.is_tensor(v)]
+    values = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [{k: next(values) if torch.is_tensor(v) else float(v) for k, v in i.items()} for i in infos]
 
 
 @dataclasses.dataclass
@@ -488,13 +517,53 @@ def trained_timesteps(args):
     return max(1, int((args.sde_window or args.num_inference_steps - 1) * args.timestep_fraction))
 
 
+def denoise_step(unet, policy, args, batch):
+    """unet's DDIM step at the sampled x_t, scoring the sampled x_{t-1}. batch: (latents, next_latents, timesteps,
+    embeds) of a micro-batch at one trained timestep, (b, C, h, w), (b, C, h, w), (b,), (b, 77, D) -> DDIMStep."""
+    latents, next_latents, timesteps, embeds = batch
+    with policy.autocast():
+        eps = guided_eps(unet, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
+    return ddim_step_with_logprob(policy.scheduler, eps, timesteps, latents, args.eta, next_latents)
+
+
+def grpo_term(policy, opt, args, batch, old_log_prob, advantages, n_terms):
+    """One term of the update: the policy's log-prob of one micro-batch at one timestep, the clipped loss, its
+    backward. old_log_prob (b,), or None while no weight has moved this step (the ratio is then exactly 1: see
+    --old-log-prob); advantages (b,); n_terms: how many terms the optimizer step averages. -> grpo_loss's info."""
+    step = denoise_step(policy.unet, policy, args, batch)
+    kl = None
+    if args.kl_coef > 0:  # closed-form KL to pi_ref at the same x_t (same sigma_t): no sampling needed
+        with torch.no_grad(), reference_unet(policy) as ref:
+            ref_step = denoise_step(ref, policy, args, batch)
+        kl = gaussian_kl(step.next_mean, ref_step.next_mean, step.std_dev)
+    old = step.log_prob.detach() if old_log_prob is None else old_log_prob
+    loss, info = grpo_loss(step.log_prob, old, advantages, args.clip_range, kl, args.kl_coef)
+    # Backward now, one term at a time, so only one UNet graph is alive at once (the memory of a single forward).
+    # Dividing by the number of terms makes the accumulated gradient a mean.
+    opt.scaler.scale(loss / n_terms).backward()
+    return info
+
+
+@torch.no_grad()
+def recompute_old_log_probs(kept, batches, prompt_embeds, policy, args):
+    """--old-log-prob recompute: every kept step scored again by the unchanged policy, in the very micro-batches and
+    shapes the update will train them in, so its first forward of each term reproduces them bit for bit (bf16 kernels
+    round differently at the sampler's batch shape). One forward per term, ~1/5 of TRAIN. -> (B, K) old log-probs."""
+    old = torch.empty_like(kept["log_probs"])
+    for idx in batches:
+        for j in range(old.shape[1]):
+            batch = (*(kept[k][idx, j] for k in ("latents", "next_latents", "timesteps")), prompt_embeds[idx])
+            old[idx, j] = denoise_step(policy.unet, policy, args, batch).log_prob
+    return old
+
+
 def grpo_update(traj, advantages, policy, opt, args, gen):
     """TRAIN: PPO-clip over the kept timesteps of every trajectory.
 
     traj: Trajectories (B, T, ...); advantages (B,); gen: the CPU generator of the run. Each kept timestep of a
-    micro-batch is its own forward and backward (the memory of ONE UNet pass); gradients accumulate over the
-    micro-batch's timesteps and over --gradient-accumulation-steps micro-batches, then optimizer_step. A non-finite
-    loss or gradient skips that optimizer step. -> UpdateResult: one grpo_loss info per trained term.
+    micro-batch is its own term, a forward and backward (grpo_term: the memory of ONE UNet pass); gradients accumulate
+    over the micro-batch's timesteps and over --gradient-accumulation-steps micro-batches, then optimizer_step. A
+    non-finite loss or gradient skips that optimizer step. -> UpdateResult: one grpo_loss info per term, as floats.
     """
     B, T = traj["log_probs"].shape
     K, device, micro = trained_timesteps(args), traj["latents"].device, args.train_batch_size
@@ -505,29 +574,21 @@ def grpo_update(traj, advantages, policy, opt, args, gen):
     rows = torch.arange(B, device=device)[:, None]
     kept = {k: traj[k][rows, perm] for k in ("latents", "next_latents", "log_probs", "timesteps")}  # (B, K, ...)
     order = torch.randperm(B, generator=gen).to(device)  # mix prompts across micro-batches
-    result = UpdateResult()
-    for m in range(B // micro):
-        idx = order[m * micro:(m + 1) * micro]
-        embeds = traj["prompt_embeds"][idx]
+    batches = [order[m * micro:(m + 1) * micro] for m in range(B // micro)]
+    # old log-probs (--old-log-prob): the sampler's, or recomputed at the training shape; under "on-policy" the
+    # sampler's only after the step's first weight update (until then the policy IS pi_old: rho = 1 exactly)
+    old = recompute_old_log_probs(kept, batches, traj["prompt_embeds"], policy, args) \
+        if args.old_log_prob == "recompute" else kept["log_probs"]
+    result, infos, moved = UpdateResult(), [], False
+    for m, idx in enumerate(batches):
         for j in range(K):
-            latents, next_latents, timesteps = (kept[k][idx, j] for k in ("latents", "next_latents", "timesteps"))
-            with policy.autocast():
-                eps = guided_eps(policy.unet, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
-            step = ddim_step_with_logprob(policy.scheduler, eps, timesteps, latents, args.eta, next_latents)
-            kl = None
-            if args.kl_coef > 0:  # closed-form KL to pi_ref at the same x_t (same sigma_t): no sampling needed
-                with torch.no_grad(), reference_unet(policy) as ref, policy.autocast():
-                    ref_eps = guided_eps(ref, latents, timesteps, embeds, policy.negative_embeds, args.guidance_scale)
-                ref_step = ddim_step_with_logprob(policy.scheduler, ref_eps, timesteps, latents, args.eta, next_latents)
-                kl = gaussian_kl(step.next_mean, ref_step.next_mean, step.std_dev)
-            loss, info = grpo_loss(step.log_prob, kept["log_probs"][idx, j], advantages[idx], args.clip_range, kl,
-                                   args.kl_coef)
-            # Backward now, one timestep at a time, so only one UNet graph is alive at once (the memory of a
-            # single forward). Dividing by the number of terms makes the accumulated gradient a mean.
-            opt.scaler.scale(loss / (K * args.gradient_accumulation_steps)).backward()
-            result.infos.append(info)
+            batch = (*(kept[k][idx, j] for k in ("latents", "next_latents", "timesteps")), traj["prompt_embeds"][idx])
+            old_log_prob = None if args.old_log_prob == "on-policy" and not moved else old[idx, j]
+            infos.append(grpo_term(policy, opt, args, batch, old_log_prob, advantages[idx],
+                                   K * args.gradient_accumulation_steps))
         if (m + 1) % args.gradient_accumulation_steps == 0:
-            optimizer_step(opt, args.max_grad_norm, result)
+            moved |= optimizer_step(opt, args.max_grad_norm, result) is not None
+    result.infos = as_floats(infos)
     return result
 
 
@@ -593,8 +654,8 @@ def train(args, objective=GRPO, models=None, reward_fn=None):
     real-size ones) instead of loaded from --model. `reward_fn`: shorthand for the objective with that reward_fn."""
     if reward_fn is not None:
         objective = dataclasses.replace(objective, reward_fn=reward_fn)
-    run = setup_run(args, objective, models)  # every check, the models, the policy, resume, the run folder
-    policy, opt, models, gen = run.policy, run.opt, run.models, run.gen
+    run = setup_run(args, objective, models)  # every check, the models, the policy, resume, the memory plan, the folder
+    args, policy, opt, models, gen = run.args, run.policy, run.opt, run.models, run.gen  # args: the plan's numbers
     P, G, S = args.prompts_per_step, args.group_size, args.sample_batch_size
     n_neg = round(P * args.negative_fraction)
     try:
@@ -868,8 +929,7 @@ def setup_policy(models, args, device, world=1, reference=False):
     dtype, unet = DTYPES[args.mixed_precision], models["unet"]
     reference = setup_unet(unet, args, dtype, reference)
     unet.to(device).train()  # SD's UNet has no dropout: train() is convention (checkpointing acts whenever grad is)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    set_checkpointing(unet, args.gradient_checkpointing is not False)  # unset: on until memory_plan decides
     if reference is not None:
         reference.to(device)  # already in `dtype`, its norm layers in fp32 (frozen_reference)
     for name in ("vae", "text_encoder"):
@@ -886,6 +946,124 @@ def setup_policy(models, args, device, world=1, reference=False):
                     autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no"))
     return policy, OptimState(params=params, optimizer=optimizer, world=world,
                               scaler=torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16"))
+
+
+# --- the memory plan: how a step's trajectories split into micro-batches on this device ------------------------------
+GIB = 2**30
+AUTO_MICRO = 2  # --train-batch-size auto keeps the update of micro-batches of 2 (a 24 GB card's plan)
+FAST_MICRO = 8  # 16 images per UNet call: sampling's shape, ~19% of an H200 where micro-batches of 2 reached ~5%
+
+
+def set_checkpointing(unet, on):
+    """Gradient checkpointing of the UNet on or off (diffusers' switches; LoRA-wrapped UNets have them too)."""
+    unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
+
+
+def optimizer_batch(args):
+    """Trajectories per optimizer step and process: the update. --train-batch-size auto re-splits it, never changes
+    it."""
+    return (AUTO_MICRO if args.train_batch_size == "auto" else args.train_batch_size) * args.gradient_accumulation_steps
+
+
+def choose_micro_batch(n, budget, cost):
+    """The plan's rule, on measured bytes. n: the optimizer batch; budget: bytes free for the update's terms;
+    cost: {checkpointing: (fixed, per trajectory) bytes, or None where one trajectory did not fit}. Per mode the
+    largest micro-batch dividing n that fits; checkpointing off (no recompute: ~1/5 less work a term) when its
+    micro-batch is at least min(the checkpointed one, FAST_MICRO), else on. -> (micro-batch, checkpointing) or None."""
+    best = {}
+    for ckpt, c in cost.items():
+        fits = [m for m in range(1, n + 1) if c is not None and n % m == 0 and c[0] + m * c[1] <= budget]
+        if fits:
+            best[ckpt] = max(fits)
+    if False in best and best[False] >= min(best.get(True, 0), FAST_MICRO):
+        return best[False], False
+    return (best[True], True) if True in best else None
+
+
+def probe_memory(policy, opt, args, device):
+    """On a CUDA GPU (None elsewhere), what the update needs, measured: one probe term (grpo_term on random latents,
+    KL included) at micro-batches of 1 and 2 per checkpointing mode; no weight moves and the run's generator is not
+    drawn from. -> dict of bytes: capacity (what this process may use: free + its own cache, under --max-memory-gib),
+    resident (what it holds now), cost {checkpointing: (fixed: gradients and workspace, per trajectory) or None}."""
+    if device.type != "cuda":
+        return None
+    unet, g, h = policy.unet, torch.Generator().manual_seed(0), args.resolution // 8
+    policy.scheduler.set_timesteps(args.num_inference_steps, device=device)
+    cost = {}
+    for ckpt in (False, True):
+        set_checkpointing(unet, ckpt)
+        peaks = []
+        for b in (1, 2):
+            opt.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            x = torch.randn(2, b, unet.config.in_channels, h, h, generator=g).to(device)
+            batch = (x[0], x[1], torch.full((b,), 500, device=device), policy.negative_embeds.expand(b, -1, -1))
+            try:
+                grpo_term(policy, opt, args, batch, None, torch.ones(b, device=device), 1)
+            except torch.cuda.OutOfMemoryError:
+                break
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        cost[ckpt] = (2 * peaks[0] - peaks[1], peaks[1] - peaks[0]) if len(peaks) == 2 else None
+    opt.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    capacity = free + torch.cuda.memory_reserved(device)
+    capacity = min(capacity, int(args.max_memory_gib * GIB)) if args.max_memory_gib else capacity
+    return dict(capacity=capacity, resident=torch.cuda.memory_allocated(device), cost=cost)
+
+
+def memory_plan(args, policy, opt, device):
+    """Resolve --train-batch-size auto and an unset --gradient-checkpointing on this device. -> (args with numbers,
+    the plan: a dict for the step summary and args.json). The optimizer batch, and so the update, never changes:
+    micro-batches of 2 and of 8 give the same accumulated gradient to fp32 rounding (tested)."""
+    n, ckpt, plan = optimizer_batch(args), args.gradient_checkpointing, {}
+    if args.train_batch_size != "auto":
+        micro, ckpt, plan["how"] = args.train_batch_size, ckpt is not False, "given"
+    elif (probe := probe_memory(policy, opt, args, device)) is None:
+        micro, ckpt, plan["how"] = AUTO_MICRO, ckpt is not False, f"auto without a GPU to probe: {AUTO_MICRO}"
+    else:
+        B, T = args.prompts_per_step * args.group_size, args.num_inference_steps
+        held = 4 * B * T * policy.unet.config.in_channels * (args.resolution // 8) ** 2 * 4  # x_t, x_{t-1}; kept copy
+        adam = 0 if opt.optimizer.state else 8 * sum(p.numel() for p in opt.params)  # made at the 1st optimizer step
+        margin = max(2 * GIB, probe["capacity"] // 12)  # the allocator's fragmentation, cuDNN workspaces, decoding
+        budget = probe["capacity"] - margin - probe["resident"] - adam - held
+        chosen = choose_micro_batch(n, budget, {k: v for k, v in probe["cost"].items() if ckpt in (None, k)})
+        if chosen is None:
+            raise torch.cuda.OutOfMemoryError(f"memory plan: one trajectory per micro-batch does not fit the "
+                                              f"{budget / GIB:.1f} GiB left for training")
+        micro, ckpt = chosen
+        fixed, per = probe["cost"][ckpt]
+        plan.update(how="probed", capacity_gib=probe["capacity"] / GIB, margin_gib=margin / GIB,
+                    per_trajectory_gib={("on" if k else "off"): v and v[1] / GIB for k, v in probe["cost"].items()},
+                    predicted_peak_gib=(probe["resident"] + adam + held + fixed + micro * per) / GIB)
+    set_checkpointing(policy.unet, ckpt)
+    plan.update(train_batch_size=micro, gradient_accumulation_steps=n // micro, gradient_checkpointing=ckpt,
+                optimizer_batch=n)
+    return dataclasses.replace(args, train_batch_size=micro, gradient_accumulation_steps=n // micro,
+                               gradient_checkpointing=ckpt), plan
+
+
+def plan_line(plan, before=None):
+    """The plan in one line; with the plan the run had before a resume, what changed (the update did not)."""
+    ckpt = "on" if plan["gradient_checkpointing"] else "off"
+    line = (f"memory plan ({plan['how']}): micro-batches of {plan['train_batch_size']} x "
+            f"{plan['gradient_accumulation_steps']} per optimizer step of {plan['optimizer_batch']}, "
+            f"checkpointing {ckpt}")
+    if plan["how"] == "probed":
+        per = ", ".join(f"{v:.2f} GiB with checkpointing {k}" for k, v in plan["per_trajectory_gib"].items() if v)
+        line += (f" | a trajectory: {per} | predicted peak {plan['predicted_peak_gib']:.1f} of "
+                 f"{plan['capacity_gib']:.1f} GiB ({plan['margin_gib']:.1f} kept free)")
+    keys = ("train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
+    if before and any(before.get(k) != plan[k] for k in keys):
+        same = before.get("optimizer_batch") == plan["optimizer_batch"]
+        line += (f" | re-planned for this device, was {before.get('train_batch_size')} x "
+                 f"{before.get('gradient_accumulation_steps')}, checkpointing "
+                 f"{'on' if before.get('gradient_checkpointing') else 'off'}; the optimizer batch, and so the update, "
+                 + ("unchanged" if same else f"changed by the flags: {before.get('optimizer_batch')} -> "
+                    f"{plan['optimizer_batch']}"))
+    return line
 
 
 # --- a run: its setup, each step's log, its grids ---------------------------------------------------------------------
@@ -911,6 +1089,9 @@ def setup_run(args, objective, models):
     check_output_dir(args.output_dir)
     rank, world, device = init_distributed(args.device if args.device != "auto" else
                                            "cuda" if torch.cuda.is_available() else "cpu")
+    if args.max_memory_gib and device.type == "cuda":  # the allocator refuses past the cap, as on a smaller card
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GIB / total), device)
     run_dir, candidates, changes = on_rank_0(plan_run, args, rank=rank, world=world)  # all resume from the same files
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
@@ -927,7 +1108,10 @@ def setup_run(args, objective, models):
     # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
     # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
     resume, start = resume_newest(candidates, policy, opt, gen, args, rank)
+    asked = args  # args.json records the flags as given (auto), and the plan made of them for this device beside them
+    args, plan = memory_plan(args, policy, opt, device)
     say(step_summary(args, world, sum(p.numel() for p in opt.params)))
+    say(plan_line(plan, previous_plan(run_dir) if start and rank == 0 else None))
     if args.tiny:
         say(f"--tiny: random tiny models built in code (mechanics, not the paper); lr {args.learning_rate}, clip "
             f"range {args.clip_range}, kl_coef {args.kl_coef}{' (no KL penalty)' if args.kl_coef == 0 else ''}")
@@ -941,7 +1125,7 @@ def setup_run(args, objective, models):
         run_dir.mkdir(parents=True, exist_ok=True)
         lock, took_over = lock_run(run_dir)
         try:
-            open_run_dir(run_dir, args, start, changes)
+            open_run_dir(run_dir, asked, start, changes, plan)
         except BaseException:
             release_lock(lock)
             raise
@@ -1243,6 +1427,12 @@ def plan_run(args):
     return run_dir, candidates, changes
 
 
+def previous_plan(run_dir):
+    """The memory plan in the run's args.json (None for a run recorded before plans, or without a readable record)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads(Path(run_dir, "args.json").read_text()).get("plan")
+
+
 def changed_flags(run_dir, args):
     """{flag: (in the run's args.json, now)} for a resumed run; refuses a change to one of IMMUTABLE."""
     try:
@@ -1380,14 +1570,17 @@ def metrics_up_to(metrics_path, step):
     return "".join(r + "\n" for r in rows)
 
 
-def open_run_dir(run_dir, args, start, changes):
-    """Write the run's args.json: the flags as they are now, and under "history" every resume with the flags it
-    changed (metrics.jsonl keeps only the rows up to `start`; a fresh start clears a dead attempt's rows)."""
+def open_run_dir(run_dir, args, start, changes, plan=None):
+    """Write the run's args.json: the flags as they are now, the memory plan made of them on this device, and under
+    "history" every resume with the flags it changed and the plan it ran (metrics.jsonl keeps only the rows up to
+    `start`; a fresh start clears a dead attempt's rows)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record, old = run_record(args), {}
     with contextlib.suppress(OSError, ValueError):
         old = json.loads((run_dir / "args.json").read_text()) if start else {}
-    record["history"] = old.get("history", []) + ([dict(resumed_at_step=start, changed=changes)] if start else [])
+    record["plan"] = plan
+    record["history"] = old.get("history", []) + ([dict(resumed_at_step=start, changed=changes, plan=plan)]
+                                                  if start else [])
     (run_dir / "args.json").write_text(json.dumps(record, indent=2))
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():  # drop rows logged after the checkpoint we resume from
@@ -1571,11 +1764,21 @@ def parse_args(argv=None, args_class=Args):
         if f.type in (bool, "bool"):
             group.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, **meta)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            kind = {"int": int, "float": float, "str": str, typing.Union[int, str]: int_or_auto}.get(f.type, f.type)
             group.add_argument(name, type=kind, default=f.default, **meta)
     if "--tiny" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**TINY_DEFAULTS)
     return args_class(**vars(parser.parse_args(argv)))
+
+
+def int_or_auto(text):
+    """argparse type of --train-batch-size: 'auto' or an int."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -1606,9 +1809,12 @@ def check_args(args):
     need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0,
          "--clip-range must be > 0, --kl-coef and --alpha >= 0")
     need(args.checkpoints_total_limit >= 0, "--checkpoints-total-limit must be >= 0 (0 = keep all)")
+    micro = AUTO_MICRO if args.train_batch_size == "auto" else args.train_batch_size
     for name in ("steps", "prompts_per_step", "sample_batch_size", "train_batch_size", "gradient_accumulation_steps",
                  "save_every", "sample_every", "max_nonfinite_steps"):
-        need(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+        value = micro if name == "train_batch_size" else getattr(args, name)
+        need(value >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    need(args.max_memory_gib >= 0, f"--max-memory-gib must be >= 0, 0 = the whole card (got {args.max_memory_gib})")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     need(not device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device}: no CUDA GPU is visible to torch here; pass --device cpu (or --tiny on a CPU)")
@@ -1616,11 +1822,10 @@ def check_args(args):
     n = args.prompts_per_step * args.group_size
     need(n % args.sample_batch_size == 0, f"--sample-batch-size {args.sample_batch_size} must divide the {n} "
          "trajectories per step (prompts-per-step x group-size)")
-    need(n % args.train_batch_size == 0, f"--train-batch-size {args.train_batch_size} must divide the {n} "
-         "trajectories per step")
-    need((n // args.train_batch_size) % args.gradient_accumulation_steps == 0,
-         f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the "
-         f"{n // args.train_batch_size} micro-batches per step")
+    need(n % micro == 0, f"--train-batch-size {micro} must divide the {n} trajectories per step")
+    need((n // micro) % args.gradient_accumulation_steps == 0,
+         f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {n // micro} micro-batches "
+         "per step" + f" (--train-batch-size auto: of {AUTO_MICRO} trajectories)" * (args.train_batch_size == "auto"))
 
 
 def read_lines(path, what):

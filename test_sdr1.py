@@ -303,7 +303,7 @@ def test_grpo_loss_gradient_vanishes_exactly_where_the_ratio_is_clipped():
     loss.backward()
     torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, 1.5 / N, -0.5 / N, 0.0]))
     assert info["clipfrac"] == 1.0
-    torch.testing.assert_close(torch.tensor(info["approx_kl"]), 0.5 * (r.log() ** 2).mean())
+    torch.testing.assert_close(info["approx_kl"], 0.5 * (r.log() ** 2).mean())
 
 
 @pytest.mark.quick
@@ -1192,20 +1192,117 @@ def test_every_step_the_gpu_check_runs_is_a_valid_full_size_config(quick):
         sd.check_args(sd.parse_args(argv + ["--device", "cpu"]))  # raises UsageError on a bad combination
 
 
-@pytest.mark.quick
-def test_recomputed_old_log_probs_make_the_ratio_exactly_one_at_the_training_shape():
-    policy, opt, args = tiny_policy("--num-inference-steps", "4", "--train-batch-size", "2",
-                                    "--gradient-accumulation-steps", "4", "--clip-range", "1e-9")
+def stale_update(mode, monkeypatch, *argv):
+    """grpo_update under --old-log-prob `mode` on a trajectory whose sampler log-probs are off by ~1e-3 (what bf16's
+    batch-shape rounding does to them on a GPU; the CPU's bf16 gives no such floor): 2 optimizer steps of 4 terms.
+    -> (infos, the old_log_prob each grpo_loss call got, the sampler's stale log-probs, the trajectory)."""
+    policy, opt, args = tiny_policy("--num-inference-steps", "3", "--train-batch-size", "2",
+                                    "--gradient-accumulation-steps", "2", "--clip-range", "1e-4",
+                                    "--old-log-prob", mode, *argv)
     m = sd.build_tiny_models(seed=0)
     embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
     traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
-                                  num_inference_steps=4, guidance_scale=4.5, resolution=64,
-                                  generator=torch.Generator().manual_seed(0))
-    traj["log_probs"] += 1e-3 * torch.randn(traj["log_probs"].shape)  # stale old log-probs: the ratio is not 1
-    bench.recompute_old_log_probs(traj, policy, args)
-    opt.optimizer = torch.optim.SGD(opt.params, lr=0.0)
-    infos = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, opt, args, torch.Generator().manual_seed(1)).infos
-    assert max(i["approx_kl"] for i in infos) < 1e-12 and max(i["clipfrac"] for i in infos) == 0
+                                  num_inference_steps=3, guidance_scale=4.5, resolution=64,
+                                  generator=torch.Generator().manual_seed(0), autocast=policy.autocast)
+    true_log_probs = traj["log_probs"].clone()
+    traj["log_probs"] += 1e-3 * torch.randn(traj["log_probs"].shape, generator=torch.Generator().manual_seed(2))
+    calls, real_loss = [], sd.grpo_loss
+    monkeypatch.setattr(sd, "grpo_loss", lambda *a, **k: calls.append(a[1]) or real_loss(*a, **k))
+    result = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, opt, args, torch.Generator().manual_seed(1))
+    assert len(result.infos) == 8 and len(result.grad_norms) == 2  # 4 micro-batches x 2 timesteps, 2 updates
+    return result.infos, calls, traj["log_probs"], true_log_probs
+
+
+@pytest.mark.quick
+def test_the_on_policy_ratio_is_exactly_one_until_the_first_update_and_the_sampler_s_after(monkeypatch):
+    stale, _, _, _ = stale_update("sampler", monkeypatch)
+    assert min(i["clipfrac"] for i in stale[:4]) > 0  # the floor the fix removes: clipped before any update
+    infos, calls, sampler, _ = stale_update("on-policy", monkeypatch)
+    assert all(i["approx_kl"] == 0 and i["clipfrac"] == 0 for i in infos[:4])  # exactly: rho = exp(0)
+    for old in calls[4:]:  # after the first update: the sampler's log-probs, as PPO defines pi_old
+        assert all((sampler == v).any() for v in old)
+    assert not any((sampler == v).any() for old in calls[:4] for v in old)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_recomputed_old_log_probs_equal_the_sampler_s_and_make_the_ratio_exactly_one(monkeypatch, precision):
+    infos, calls, _, true_log_probs = stale_update("recompute", monkeypatch, "--mixed-precision", precision)
+    assert all(i["approx_kl"] == 0 and i["clipfrac"] == 0 for i in infos[:4])  # every term before the first update
+    if precision == "no":  # fp32: the recomputed log-probs are the sampler's own (before the stale noise)
+        recomputed = torch.cat(calls[:4])
+        nearest = (recomputed[:, None] - true_log_probs.flatten()[None]).abs().min(1).values
+        assert nearest.max() < 1e-5
+
+
+GIB = 2**30
+
+
+@pytest.mark.quick
+def test_the_memory_plan_picks_the_largest_micro_batch_that_fits_and_checkpointing_off_only_at_a_fast_size():
+    # (fixed, per trajectory) bytes with checkpointing off and on, shaped like SD 1.x's (~0.87 / ~0.14 GiB an image)
+    cost = {False: (4 * GIB, 1.75 * GIB), True: (4 * GIB, 0.3 * GIB)}
+    assert sd.choose_micro_batch(32, 5.0 * GIB, cost) == (2, True)  # a 24 GB card: off fits at 0, on at 2 of 32
+    assert sd.choose_micro_batch(32, 8.0 * GIB, cost) == (8, True)  # off fits at 2 only: too small to be fast
+    assert sd.choose_micro_batch(32, 19 * GIB, cost) == (8, False)  # off fits at 8: no recompute, sampling's shape
+    assert sd.choose_micro_batch(32, 80 * GIB, cost) == (32, False)
+    assert sd.choose_micro_batch(24, 8.0 * GIB, cost) == (12, True)  # a divisor of the optimizer batch
+    assert sd.choose_micro_batch(32, 4.1 * GIB, cost) is None  # one trajectory does not fit either way
+    assert sd.choose_micro_batch(32, 19 * GIB, {False: None, True: cost[True]}) == (32, True)  # off never fit
+
+
+@pytest.mark.quick
+def test_micro_batches_of_2_and_8_give_the_same_accumulated_gradient(monkeypatch):
+    """The plan may re-split the optimizer batch: the update it makes must not change (fp32, to rounding)."""
+    grads = []
+    for micro, accumulation in (("2", "4"), ("8", "1")):
+        policy, opt, args = tiny_policy("--num-inference-steps", "3", "--train-batch-size", micro,
+                                        "--gradient-accumulation-steps", accumulation, "--kl-coef", "0.1")
+        m = sd.build_tiny_models(seed=0)
+        embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
+        traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
+                                      num_inference_steps=3, guidance_scale=4.5, resolution=64,
+                                      generator=torch.Generator().manual_seed(0))
+        monkeypatch.setattr(sd, "optimizer_step", lambda opt, *a: grads.append([p.grad.clone() for p in opt.params]))
+        sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, opt, args, torch.Generator().manual_seed(1))
+    assert len(grads) == 2
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert sum(g.abs().sum() for g in grads[0]) > 0
+
+
+def fake_probe(capacity_gib):
+    """probe_memory as a GPU of `capacity_gib` would answer it (the CPU has nothing to probe)."""
+    return lambda *a: dict(capacity=capacity_gib * GIB, resident=0,
+                           cost={False: (0, 1.0 * GIB), True: (0, 0.25 * GIB)})
+
+
+def test_the_auto_plan_is_printed_recorded_and_made_again_for_the_device_a_resume_runs_on(tmp_path, monkeypatch,
+                                                                                          capsys):
+    argv = ["--train-batch-size", "auto", "--gradient-accumulation-steps", "4", "--run-name", "r", "--save-every", "1"]
+
+    def auto(*extra):  # --tiny turns checkpointing off; unset, as in a full-size run, the plan decides it
+        return dataclasses.replace(small_args(tmp_path, *argv, *extra), gradient_checkpointing=None)
+    monkeypatch.setattr(sd, "probe_memory", fake_probe(4.5))  # 2.5 GiB to train in: on at 8 beats off at 2
+    run = sd.train(auto("--steps", "1"), reward_fn=brightness)
+    out = capsys.readouterr().out
+    assert "memory plan (probed): micro-batches of 8 x 1 per optimizer step of 8, checkpointing on" in out
+    record = json.loads((run / "args.json").read_text())
+    assert record["train_batch_size"] == "auto" and record["plan"]["train_batch_size"] == 8
+    assert record["plan"]["gradient_checkpointing"] is True
+    monkeypatch.setattr(sd, "probe_memory", fake_probe(10.5))  # a bigger card: off fits at 8
+    sd.train(auto("--steps", "2", "--resume", "latest"), reward_fn=brightness)
+    out = capsys.readouterr().out
+    assert ("micro-batches of 8 x 1 per optimizer step of 8, checkpointing off" in out
+            and "re-planned for this device, was 8 x 1, checkpointing on; the optimizer batch, and so the update, "
+                "unchanged" in out)
+    record = json.loads((run / "args.json").read_text())
+    assert record["plan"]["gradient_checkpointing"] is False and record["history"][-1]["plan"] == record["plan"]
+    assert "train_batch_size" not in record["history"][-1]["changed"]  # auto both times: no flag changed
+    monkeypatch.setattr(sd, "probe_memory", lambda *a: None)  # the CPU's own plan, and a number still wins
+    sd.train(small_args(tmp_path, "--steps", "1", "--run-name", "cpu", "--train-batch-size", "auto",
+                        "--gradient-accumulation-steps", "4"), reward_fn=brightness)
+    assert "memory plan (auto without a GPU to probe: 2): micro-batches of 2 x 4" in capsys.readouterr().out
 
 
 @pytest.mark.quick
