@@ -392,26 +392,9 @@ def prime_optimizer(optimizer):
     optimizer.zero_grad(set_to_none=True)
 
 
-def recompute_old_log_probs(traj, policy, args):
-    """The fallback when the ratio is not 1 before any update: score the sampled steps again, with no grad, at the
-    training micro-batch's shape (bf16 kernels may round differently at another batch shape), and use those as the
-    old log-probs. Costs one guided forward per trained timestep, about a fifth of the TRAIN phase."""
-    B, T = traj["log_probs"].shape
-    b = args.train_batch_size
-    with torch.no_grad():
-        for i in range(0, B, b):
-            for j in range(T - 1):  # the last step is never trained
-                latents, timesteps = traj["latents"][i:i + b, j], traj["timesteps"][i:i + b, j]
-                with policy.autocast():
-                    eps = sd.guided_eps(policy.unet, latents, timesteps, traj["prompt_embeds"][i:i + b],
-                                        policy.negative_embeds, args.guidance_scale)
-                traj["log_probs"][i:i + b, j] = sd.ddim_step_with_logprob(
-                    policy.scheduler, eps, timesteps, latents, args.eta, traj["next_latents"][i:i + b, j]).log_prob
-
-
-def checked_update(record, recompute=False):
-    """GRPO with the check's instruments: AdamW's state created first (prime_optimizer), what the step holds
-    recorded in `record`, and optionally the old log-probs recomputed at the training shape."""
+def checked_update(record):
+    """GRPO with the check's instruments: AdamW's state created first (prime_optimizer) and what the step holds
+    recorded in `record`."""
     def update(traj, rewards, policy, opt, args, gen):
         say("sampled, decoded and rewarded; training")
         prime_optimizer(opt.optimizer)
@@ -419,100 +402,226 @@ def checked_update(record, recompute=False):
                       optimizer_state_before_step=len(opt.optimizer.state) == len(opt.params),
                       optimizer_state_gib=sum(t.numel() * t.element_size() for s in opt.optimizer.state.values()
                                               for t in s.values() if torch.is_tensor(t)) / GIB)
-        if recompute:
-            recompute_old_log_probs(traj, policy, args)
         return sd.grpo_step(traj, rewards, policy, opt, args, gen)
     return dataclasses.replace(sd.GRPO, update=update)
 
 
-def check_step(models, full, device, settings, recompute=False):
-    """One step through train() in a temporary run folder (deleted after) -> (metrics row, what the step held)."""
+def check_step(models, full, device, settings):
+    """One step through train() in a temporary run folder (deleted after) -> (its metrics row, what the step held,
+    the memory plan it ran)."""
     record = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = ["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", str(CLIP_RANGE)]
-        argv = (tiny if not full else []) + settings + ["--steps", "1", "--device", device.type, "--save-every", "1000",
-                                       "--sample-every", "1000", "--output-dir", tmp, "--run-name", "gpu-check"]
-        run = sd.train(sd.parse_args(argv), checked_update(record, recompute), models=models)
+        argv = base_argv(full) + settings + ["--steps", "1", "--device", device.type, "--save-every", "1000",
+                                             "--sample-every", "1000", "--output-dir", tmp, "--run-name", "gpu-check"]
+        run = sd.train(sd.parse_args(argv), checked_update(record), models=models)
         row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    return row, record
+        plan = json.loads((run / "args.json").read_text())["plan"]
+    return row, record, plan
 
 
 CLIP_RANGE = 1e-4  # the release's; check_step passes it to --tiny too
 
 
-def ratio_checks(row, clip_range, label=""):
-    """The figures a step logs before any update: the ratio is 1, so approx_kl, clipfrac and KL are ~0."""
-    return [(f"{label}approx_kl before any update < 1e-6", row["approx_kl"] < 1e-6, row["approx_kl"]),
-            (f"{label}clipfrac before any update < 0.01 (clip range {clip_range})", row["clipfrac"] < 0.01,
-             row["clipfrac"]),
-            (f"{label}KL to the reference before any update < 1e-6", row["kl"] < 1e-6, row["kl"])]
+def base_argv(full):
+    """The check's flags under its step settings: none at full size (the defaults), else --tiny with the default's
+    precision, KL and clip range."""
+    return [] if full else ["--tiny", "--mixed-precision", "bf16", "--kl-coef", "0.01", "--clip-range", str(CLIP_RANGE)]
+CAP_GIB, PEAK_GIB = 24, 22  # the 24 GB card the default is tuned for, and the peak it must stay under there
+
+
+def ratio_checks(row, label):
+    """What a step logs when every term comes before any update: the ratio is exactly 1, so approx_kl and clipfrac
+    are 0 (--old-log-prob on-policy makes it so by construction; the sampler's log-probs only at equal bf16 shapes)."""
+    return [(f"{label}: approx_kl before any update == 0", row["approx_kl"] == 0, row["approx_kl"]),
+            (f"{label}: clipfrac before any update == 0 (clip range {CLIP_RANGE})", row["clipfrac"] == 0,
+             row["clipfrac"])]
+
+
+def matmul_rate(device, full):
+    """The card's matrix rate in TFLOP/s, measured: a large bf16 matmul (a small fp32 one on the CPU with --tiny)."""
+    n, dtype = (8192, torch.bfloat16) if full else (512, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    k = 20 if full else 5
+    return 2 * n**3 * k / timed(lambda: [a @ b for _ in range(k)], device) / 1e12
+
+
+def term_rate(models, full, device, settings, peak_tflops, variant="", repeats=8):
+    """Steady state of one micro-batch timestep, the unit of TRAIN: grpo_term (forward, checkpoint recompute,
+    backward, reference forward) on a policy set up as train() sets it up, after warm-up (the first backward,
+    AdamW's state, autotuning are one-off costs and excluded). variant: channels_last | cudnn_benchmark | compile.
+    -> seconds per term, TFLOP per term (torch's FLOP counter on the very call), TFLOP/s and the share of
+    `peak_tflops`; and seconds per optimizer step (fused AdamW with clipping), paid once per accumulation."""
+    args = sd.parse_args(base_argv(full) + settings + ["--device", device.type])
+    policy, opt = sd.setup_policy(models, args, device)
+    sd.set_checkpointing(policy.unet, args.gradient_checkpointing is not False)
+    if variant == "channels_last":
+        policy.unet.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"
+    if variant == "compile":  # inductor on a GPU; on the CPU (--tiny) aot_eager: the same path, no C++ build
+        policy.unet.compile(backend="inductor" if device.type == "cuda" else "aot_eager")
+    b, h, g = args.train_batch_size, args.resolution // 8, torch.Generator().manual_seed(0)
+    policy.scheduler.set_timesteps(args.num_inference_steps, device=device)
+    x = torch.randn(2, b, policy.unet.config.in_channels, h, h, generator=g).to(device)
+    t = policy.scheduler.timesteps[torch.randint(0, args.num_inference_steps - 1, (b,), generator=g)].to(device)
+    batch = (x[0], x[1], t, policy.negative_embeds.expand(b, -1, -1))
+    term = lambda: sd.grpo_term(policy, opt, args, batch, None, torch.ones(b, device=device), 1)  # noqa: E731
+    prime_optimizer(opt.optimizer)
+    first = timed(term, device)  # with compile: the compilation
+    compile_seconds = first if variant == "compile" else None
+    term()
+    flops = None
+    if variant != "compile":  # the counter's dispatch mode would send a compiled UNet back to dynamo
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            term()
+        flops = counter.get_total_flops()
+    seconds = timed(lambda: [term() for _ in range(repeats)], device) / repeats
+    opt_seconds = timed(lambda: sd.optimizer_step(opt, args.max_grad_norm), device)
+    torch.backends.cudnn.benchmark = False
+    tflops = flops and flops / seconds / 1e12
+    return dict(variant=variant or "as train() runs it", train_batch_size=b,
+                gradient_checkpointing=args.gradient_checkpointing is not False, seconds_per_term=seconds,
+                tflop_per_term=flops and flops / 1e12, tflops=tflops,
+                share_of_matmul_rate=tflops and tflops / peak_tflops,
+                seconds_per_optimizer_step=opt_seconds, first_call_seconds=first, compile_seconds=compile_seconds)
 
 
 def gpu_check(args, device):
-    """The acceptance check for the first GPU this project meets: one real step of the default config's shape (full
-    UNet, bf16 autocast, KL on, checkpointing, 512 px, 50 DDIM steps, lr 1e-5, clip 1e-4; 4 prompts x 16 = 64
-    trajectories held, sampled in batches of 8, trained in micro-batches of 2) on the real SD 1.x / ViT-H-14
-    architectures with random weights, through train() itself.
-
-    Memory: AdamW's state is created before the step (prime_optimizer), and the step holds the default's 64
-    trajectories, so the peak is the one a default run reaches from its second optimizer step on. The gradients
-    are accumulated into ONE optimizer step at the end (32 micro-batches instead of 2 x 16: the same tensors alive),
-    so every logged figure is measured before any update. If the ratio is not 1 there (micro-batches of 2 are
-    another batch shape than sampling's 8, and bf16 kernels may round differently), two 8-trajectory steps tell
-    why: a same-shape control (trained in one micro-batch of 8) and the fallback (old log-probs recomputed at the
-    training shape)."""
+    """What a user will see on this GPU, in one call (~6 minutes on an H100 or H200 after the install), each stage
+    written to --out as it ends. Every step is the default config's shape (full UNet, bf16 autocast, KL on, 512 px,
+    50 DDIM steps, 4 prompts x 16 = 64 trajectories held, sampled in batches of 8, lr 1e-5, clip 1e-4) on the real
+    SD 1.x / ViT-H-14 architectures with random weights with trained-like norms, through train() itself, with
+    AdamW's state created before the step (prime_optimizer) so the peak is a real run's from its second optimizer
+    step on. Each step trains 2 of its 49 timesteps (one micro-batch's graph is alive at a time: the same peak) into
+    one optimizer step, and TRAIN is projected from the measured steady-state rate of one term.
+      1 the card's bf16 matrix rate (one large matmul)
+      2 today's plan (micro-batches of 2, checkpointing on) under a 24 GiB cap: peak <= 22 GiB, and the ratio
+        before any update (--old-log-prob on-policy, the default)
+      3 --train-batch-size auto on the whole card: its plan, peak and ratio
+      4 the steady-state rate of one term under each plan: seconds, TFLOP/s, share of the matmul rate; and the
+        projected hours of --steps 300 and 2400 from the measured phases
+      5 the ratio floor the default removes: the sampler's log-probs at micro-batch 2, at the sampling shape, and
+        recomputed at the training shape (8 trajectories each)
+      6 fast mode's step (--sde-window 1 --share-noise) beside the default's
+      7 channels_last, cudnn.benchmark and torch.compile of the UNet on the auto plan's term"""
     full = not args.tiny
     if full and device.type != "cuda":
         raise sd.UsageError("--gpu-check measures a real-size step on a CUDA GPU (on the CPU it would take hours and "
                             "20+ GiB of RAM); pass --tiny to check the mechanics on the CPU")
+    result = dict(machine=machine(), device=str(device), full_size=full)
+    say("1/7 the card's matrix rate")
+    result["matmul_tflops"] = peak = matmul_rate(device, full)
+    report_checks(result, [], args.out)
+    print(f"INFO  {'bf16' if full else 'fp32 (tiny)'} matmul: {peak:.3g} TFLOP/s", flush=True)
     models = sd_parts(full)  # random weights in the real architectures (tiny ones with --tiny)
     trained_like(models["unet"], models["vae"], models["text_encoder"], models["reward_model"])
-    T = 8 if args.tiny else 50  # denoising steps of the check's config (tiny defaults / the default)
-    trained = max(1, int((T - 1) * 0.05)) if args.quick else T - 1
-    scale = (T - 1) / trained  # the TRAIN time of all T - 1 timesteps
-    steps = check_settings(args.quick)
-    say(f"models built; one step of the default shape ({trained} of {T - 1} timesteps trained)")
-    row, record = check_step(models, full, device, steps["default"])
-    row["seconds_train"] *= scale
-    row["seconds"] = sum(row[k] for k in row if k.startswith("seconds_"))
-    checks = ratio_checks(row, CLIP_RANGE) + [
-        ("peak memory <= 22 GiB (AdamW state and the default's 64 trajectories included)",
-         row["peak_memory_gb"] <= 22, row["peak_memory_gb"])]
-    result = dict(device=str(device), full_size=full, quick=args.quick, row=row, held=record)
-    report_checks(result, checks, args.out)
-    print(f"INFO  one default step ({record['trajectories_held']} trajectories): {row['seconds']:.1f} s"
-          + f" (TRAIN scaled up from {trained} of {T - 1} timesteps)" * args.quick + " ("
-          + ", ".join(f"{k[8:]} {row[k]:.1f}" for k in row if k.startswith("seconds_")) + f"); AdamW state "
-          f"{record['optimizer_state_gib']:.2f} GiB, created before the step: {record['optimizer_state_before_step']}",
-          flush=True)
-    passed = all(ok for _, ok, _ in checks)
-    if not all(ok for _, ok, _ in checks[:2]):  # the ratio is not 1: is it the batch shape, and does recompute fix it?
-        say("the ratio is not 1 before any update: a same-shape control and the recompute fallback (8 trajectories)")
-        same, _ = check_step(models, full, device, steps["control"])
-        fixed, _ = check_step(models, full, device, steps["fallback"], recompute=True)
-        more = (ratio_checks(same, CLIP_RANGE, "control, trained at the sampling batch shape: ")
-                + ratio_checks(fixed, CLIP_RANGE, "fallback, old log-probs recomputed at the training shape: "))
-        result.update(control_same_shape=same, fallback_recompute=fixed)
-        report_checks(result, more, args.out)
-    fast, _ = check_step(models, full, device, steps["fast"])  # fast mode beside the default: its whole window
+    steps = check_settings()
+    say(f"2/7 one step of today's plan under a {CAP_GIB} GiB cap")
+    fits = f"today's plan: peak memory <= {PEAK_GIB} GiB under a {CAP_GIB} GiB cap (AdamW state, 64 trajectories held)"
+    try:
+        row, held, plan = check_step(models, full, device, steps["today"] + ["--max-memory-gib", str(CAP_GIB)] * full)
+    except torch.cuda.OutOfMemoryError:  # a finding: the rest of the check still runs, on the whole card
+        row, held, plan = None, {}, None
+        report_checks(result, [(fits + ": out of memory", False, float("inf"))], args.out)
+    finally:
+        if full:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)  # the cap off: the auto plan has the whole card
+    result.update(today=dict(row=row, plan=plan), held=held)
+    if row is not None:
+        report_checks(result, ratio_checks(row, "today's plan") + [(fits, row["peak_memory_gb"] <= PEAK_GIB,
+                                                                    row["peak_memory_gb"])], args.out)
+    say("3/7 one step of the auto plan on the whole card")
+    auto_row, _, auto_plan = check_step(models, full, device, steps["auto"])
+    result["auto"] = dict(row=auto_row, plan=auto_plan)
+    report_checks(result, ratio_checks(auto_row, "auto plan"), args.out)
+    print("INFO  " + sd.plan_line(auto_plan) + f" | measured peak {auto_row['peak_memory_gb']:.1f} GiB", flush=True)
+    say("4/7 steady-state rate of one term, today's plan and the auto plan")
+    planned = steps["today"] + ["--train-batch-size", str(auto_plan["train_batch_size"])] + (
+        ["--gradient-checkpointing"] if auto_plan["gradient_checkpointing"] else ["--no-gradient-checkpointing"])
+    result["rate"] = rates = {"today": term_rate(models, full, device, steps["today"], peak),
+                              "auto": term_rate(models, full, device, planned, peak)}
+    trained = (50 if full else sd.TINY_DEFAULTS["num_inference_steps"]) - 1  # a default step's trained timesteps
+    result["projection"] = {k: projection(r, auto_row, r["train_batch_size"], trained) for k, r in rates.items()}
+    report_checks(result, [], args.out)
+    for k, r in rates.items():
+        print(f"INFO  {k}: a term (micro-batch {r['train_batch_size']}, checkpointing "
+              f"{'on' if r['gradient_checkpointing'] else 'off'}) {r['seconds_per_term'] * 1e3:.0f} ms, "
+              f"{r['tflops']:.3g} TFLOP/s = {r['share_of_matmul_rate']:.1%} of the matmul rate | "
+              + projection_line(result["projection"][k]), flush=True)
+    say("5/7 the ratio floor under the sampler's log-probs (8 trajectories a step)")
+    floor = {k: check_step(models, full, device, steps[k])[0] for k in ("sampler", "same_shape", "recompute")}
+    result["ratio_floor"] = {k: dict(approx_kl=v["approx_kl"], clipfrac=v["clipfrac"]) for k, v in floor.items()}
+    report_checks(result, [], args.out)
+    print(f"INFO  clipfrac before any update at clip range {CLIP_RANGE}: " + ", ".join(
+        f"{k} {v['clipfrac']:.3g}" for k, v in result["ratio_floor"].items()) + f" | on-policy (the default) "
+        f"{auto_row['clipfrac']:.3g}", flush=True)
+    say("6/7 fast mode's step beside the default's, on the auto plan")
+    fast = check_step(models, full, device, steps["auto"] + FAST_RECIPE)[0]
     result["fast_mode"] = dict(fast, recipe=" ".join(FAST_RECIPE))
     report_checks(result, [], args.out)
-    print(f"INFO  fast mode ({' '.join(FAST_RECIPE)}) step: {fast['seconds']:.1f} s beside the default's "
-          f"{row['seconds']:.1f} s ({fast['seconds'] / row['seconds']:.2f}x)", flush=True)
+    default_step = result["projection"]["auto"]["seconds_per_step"]
+    print(f"INFO  fast mode ({' '.join(FAST_RECIPE)}) step, its whole window trained: {fast['seconds']:.1f} s, "
+          f"{fast['seconds'] / default_step:.2f}x the default's predicted {default_step:.1f} s on the same plan",
+          flush=True)
+    say("7/7 channels_last, cudnn.benchmark, torch.compile on the auto plan's term")
+    result["variants"] = {}
+    for variant in ("channels_last", "cudnn_benchmark", "compile"):
+        result["variants"][variant] = v = variant_rate(models, full, device, planned, peak, variant)
+        print(f"INFO  {variant}: " + (f"failed ({v['error']})" if "error" in v else
+              f"{v['seconds_per_term'] / rates['auto']['seconds_per_term']:.2f}x the auto plan's term time"
+              + (f" (compiling took {v['compile_seconds']:.0f} s)" if variant == "compile" else "")), flush=True)
+        report_checks(result, [], args.out)
     print(f"wrote {args.out}" + ("" if full else "  (TINY models: mechanics only, not the GPU figures)"))
-    return passed
+    return all(c["passed"] for c in result["checks"])
 
 
-def check_settings(quick=False):
-    """The flags of each step the GPU check runs (on top of the defaults, or of --tiny's): the default's shape with one
-    optimizer step; fast mode's (FAST_RECIPE, its window trained whole); and the two 8-trajectory diagnostics."""
-    default = ["--prompts-per-step", "4", "--group-size", "16", "--sample-batch-size", "8", "--train-batch-size", "2",
-               "--gradient-accumulation-steps", "32"]
-    quick = ["--timestep-fraction", "0.05"] * quick
-    small = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8"] + quick
-    return dict(default=default + quick, fast=default + FAST_RECIPE,
-                control=small + ["--train-batch-size", "8", "--gradient-accumulation-steps", "1"],
-                fallback=small + ["--train-batch-size", "2", "--gradient-accumulation-steps", "4"])
+def variant_rate(models, full, device, settings, peak, variant):
+    """term_rate under one variant; a variant that fails is a finding, not the end of the check. The UNet is given
+    back contiguous and uncompiled."""
+    try:
+        return term_rate(models, full, device, settings, peak, variant)
+    except Exception as e:
+        return dict(error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        models["unet"].to(memory_format=torch.contiguous_format)
+        models["unet"]._compiled_call_impl = None  # nn.Module.compile's hook: the plain forward again
+
+
+def projection(rate, row, micro, trained):
+    """A prediction from measured parts: one default step = SAMPLE, decode and REWARD as the check's step ran them
+    (the same shapes under any plan) + TRAIN: 64 trajectories x `trained` timesteps / `micro` terms at the measured
+    steady-state rate, and the default's 2 optimizer steps (of 32); and the hours of --steps 300 and 2400 at that."""
+    B, optimizer_batch = 64, 32
+    train = B // micro * trained * rate["seconds_per_term"] + B // optimizer_batch * rate["seconds_per_optimizer_step"]
+    other = row["seconds_sample"] + row["seconds_decode"] + row["seconds_reward"]
+    return dict(seconds_train=train, seconds_sample_decode_reward=other, seconds_per_step=other + train,
+                hours_300=300 * (other + train) / 3600, hours_2400=2400 * (other + train) / 3600)
+
+
+def projection_line(p):
+    """A projection in words."""
+    return (f"predicted default step {p['seconds_per_step'] / 60:.2f} min (TRAIN {p['seconds_train']:.1f} s, the rest "
+            f"{p['seconds_sample_decode_reward']:.1f} s): --steps 300 {p['hours_300']:.1f} h, 2400 "
+            f"{p['hours_2400']:.1f} h")
+
+
+def check_settings():
+    """The flags of each step the GPU check runs (on top of the defaults, or of --tiny's). Every one trains 2 of the
+    49 timesteps (TRAIN is projected from term_rate) into ONE optimizer step, so every ratio figure is taken before
+    any update."""
+    shape = ["--prompts-per-step", "4", "--group-size", "16", "--sample-batch-size", "8", "--timestep-fraction", "0.05"]
+    small = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8", "--timestep-fraction", "0.05"]
+    return dict(today=shape + ["--train-batch-size", "2", "--gradient-accumulation-steps", "32",
+                               "--gradient-checkpointing"],
+                auto=shape + ["--train-batch-size", "auto", "--gradient-accumulation-steps", "32"],
+                sampler=small + ["--old-log-prob", "sampler", "--train-batch-size", "2",
+                                 "--gradient-accumulation-steps", "4"],
+                same_shape=small + ["--old-log-prob", "sampler", "--train-batch-size", "8",
+                                    "--gradient-accumulation-steps", "1"],
+                recompute=small + ["--old-log-prob", "recompute", "--train-batch-size", "2",
+                                   "--gradient-accumulation-steps", "4"])
 
 
 def report_checks(result, checks, out):
@@ -611,11 +720,10 @@ def main():
     mode.add_argument("--full-size", action="store_true", help="real SD 1.x architectures, random weights")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per contender (min/median/max)")
-    ap.add_argument("--gpu-check", action="store_true", help="acceptance check of one real-size default step: "
-                    "approx_kl, clipfrac and KL before any update, peak memory, seconds; PASS/FAIL lines + JSON")
-    ap.add_argument("--quick", action="store_true", help="with --gpu-check: train 2 of the 49 timesteps of each "
-                    "trajectory (the same peak memory: one micro-batch's graph is alive at a time; TRAIN time x 1/25, "
-                    "extrapolated in the report)")
+    ap.add_argument("--gpu-check", action="store_true", help="what a user will see on this GPU (~6 min): the matmul "
+                    "rate, today's plan under a 24 GiB cap and the auto plan (peak, ratio before any update, TFLOP/s "
+                    "of a term, projected hours), the ratio floor, fast mode, channels_last / cudnn.benchmark / "
+                    "compile; PASS/FAIL lines + JSON written as it goes")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench.json")
     args = ap.parse_args()

@@ -1147,48 +1147,46 @@ def test_prime_optimizer_creates_adams_state_without_moving_a_weight():
     assert opt.optimizer.param_groups[0]["lr"] == 2e-3  # the learning rate is given back
 
 
-def gpu_check_args(tmp_path, **kw):
-    return argparse.Namespace(tiny=True, quick=True, out=str(tmp_path / "gpu_check.json"), **kw)
-
-
-def test_gpu_check_memory_includes_the_optimizer_state_and_the_default_steps_trajectories(tmp_path, monkeypatch):
-    """The peak is measured in a step that holds the default's 64 trajectories with AdamW's state already created
-    (a real run holds it from its second optimizer step on); the run folder is deleted; no CUDA and no --tiny:
-    exit 2."""
+def test_gpu_check_runs_every_stage_and_measures_the_default_s_peak_with_its_optimizer_state(tmp_path, monkeypatch):
+    """bench.py --gpu-check --tiny runs each of the seven stages and writes its figures; the steps hold the default's
+    64 trajectories with AdamW's state created before the update (a real run holds it from its second optimizer step
+    on); the run folders are deleted; no CUDA and no --tiny: exit 2 in one line."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    assert bench.gpu_check(gpu_check_args(tmp_path), torch.device("cpu"))
+    assert bench.gpu_check(argparse.Namespace(tiny=True, out=str(tmp_path / "gpu_check.json")), torch.device("cpu"))
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     n_params = sum(p.numel() for p in sd.build_tiny_models()["unet"].parameters())
     assert result["held"]["trajectories_held"] == 64 and result["held"]["optimizer_state_before_step"]
     assert result["held"]["optimizer_state_gib"] * 2**30 >= 8 * n_params  # exp_avg + exp_avg_sq in fp32
-    assert [c["passed"] for c in result["checks"]] == [True] * 4 and "control_same_shape" not in result
+    assert [c["passed"] for c in result["checks"]] == [True] * 5 and result["matmul_tflops"] > 0
+    assert result["today"]["plan"]["train_batch_size"] == 2 and result["auto"]["plan"]["how"].startswith("auto")
+    for plan in ("today", "auto"):
+        rate, projected = result["rate"][plan], result["projection"][plan]
+        assert rate["seconds_per_term"] > 0 and 0 < rate["share_of_matmul_rate"] and rate["tflop_per_term"] > 0
+        assert projected["hours_2400"] == pytest.approx(8 * projected["hours_300"])
+    assert set(result["ratio_floor"]) == {"sampler", "same_shape", "recompute"}
+    assert result["fast_mode"]["seconds"] > 0 and set(result["variants"]) == {"channels_last", "cudnn_benchmark",
+                                                                              "compile"}
+    assert all("seconds_per_term" in v for v in result["variants"].values()), result["variants"]
     assert list(tmp_path.iterdir()) == [tmp_path / "gpu_check.json"]  # no run folder left behind
     proc = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--device", "cpu", "--out", str(tmp_path / "x")],
                           cwd=HERE, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--tiny" in proc.stderr
 
 
-def test_gpu_check_runs_the_same_shape_control_and_the_recompute_fallback_when_the_ratio_is_not_one(tmp_path,
-                                                                                                   monkeypatch):
-    real = bench.ratio_checks
-    calls = []
-
-    def first_fails(row, clip_range, label=""):  # as on the H200: clipfrac 0.078 before any update at clip 1e-4
-        calls.append(label)
-        checks = real(row, clip_range, label)
-        return [(c, False, 0.078) if len(calls) == 1 and "clipfrac" in c else (c, ok, v) for c, ok, v in checks]
-    monkeypatch.setattr(bench, "ratio_checks", first_fails)
-    assert not bench.gpu_check(gpu_check_args(tmp_path), torch.device("cpu"))
-    result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert {"control_same_shape", "fallback_recompute"} <= set(result) and len(result["checks"]) == 10
-    assert all(c["passed"] for c in result["checks"][4:])  # on the CPU both are exact
+@pytest.mark.quick
+def test_the_gpu_check_projects_a_default_step_from_its_measured_parts():
+    rate = dict(seconds_per_term=0.1, seconds_per_optimizer_step=0.5)
+    row = dict(seconds_sample=30.0, seconds_decode=2.0, seconds_reward=1.0)
+    p = bench.projection(rate, row, 8, trained=49)
+    assert p["seconds_train"] == pytest.approx(64 / 8 * 49 * 0.1 + 2 * 0.5)  # 392 terms, 2 optimizer steps
+    assert p["seconds_per_step"] == pytest.approx(33 + p["seconds_train"])
+    assert p["hours_300"] == pytest.approx(300 * p["seconds_per_step"] / 3600)
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("quick", [False, True])
-def test_every_step_the_gpu_check_runs_is_a_valid_full_size_config(quick):
+def test_every_step_the_gpu_check_runs_is_a_valid_full_size_config():
     """The CPU tests run the check with --tiny, whose defaults could hide a flag error of the real-size config."""
-    for name, argv in bench.check_settings(quick).items():
+    for name, argv in bench.check_settings().items():
         sd.check_args(sd.parse_args(argv + ["--device", "cpu"]))  # raises UsageError on a bad combination
 
 
