@@ -1190,6 +1190,21 @@ def test_every_step_the_gpu_check_runs_is_a_valid_full_size_config():
         sd.check_args(sd.parse_args(argv + ["--device", "cpu"]))  # raises UsageError on a bad combination
 
 
+def test_the_offline_node_script_refuses_bad_input_and_its_check_reads_this_environment():
+    """offline_node.sh: usage and a malformed torch version are one line, exit 2; `check` prints every package's
+    version against requirements.txt's pins (a local build tag like +cu130 is not a mismatch) and, with no GPU,
+    stops before the GPU run."""
+    def run(*argv):
+        return subprocess.run(["bash", "offline_node.sh", *argv], cwd=HERE, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHON=sys.executable))
+    for argv in ([], ["wheels", "x"], ["wheels", "x", "11.0"], ["install"]):
+        proc = run(*argv)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (argv, proc.stderr)
+    proc = run("check")
+    assert proc.returncode == 1 and "torch sees no CUDA GPU" in proc.stderr
+    assert f"torch {torch.__version__}\n" in proc.stdout and "diffusers" in proc.stdout  # CI's pins: no mismatch
+
+
 def stale_update(mode, monkeypatch, *argv):
     """grpo_update under --old-log-prob `mode` on a trajectory whose sampler log-probs are off by ~1e-3 (what bf16's
     batch-shape rounding does to them on a GPU; the CPU's bf16 gives no such floor): 2 optimizer steps of 4 terms.
@@ -1545,7 +1560,8 @@ def test_a_new_learning_rate_takes_effect_on_resume_and_is_logged_and_a_group_si
     state = torch.load(run_dir / "checkpoints/checkpoint-000003/state.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["lr"] == 1e-4
     history = json.loads((run_dir / "args.json").read_text())["history"]
-    assert history == [dict(resumed_at_step=2, changed=dict(steps=[2, 3], learning_rate=[2e-3, 1e-4]))]
+    assert [{k: h[k] for k in ("resumed_at_step", "changed")} for h in history] == [
+        dict(resumed_at_step=2, changed=dict(steps=[2, 3], learning_rate=[2e-3, 1e-4]))]
     assert same.name == "A"
     with pytest.raises(sd.UsageError, match="--group-size 8: the run A was started with 4 and cannot change"):
         quick_run(tmp_path, "A", 4, "--resume", "latest", "--group-size", "8", "--sample-batch-size", "16",
