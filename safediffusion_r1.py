@@ -1282,20 +1282,23 @@ def save_grid(images, captions, path, cols=4, title="", labels=None):
     tw, th = w * scale, h * scale
     font = ImageFont.load_default(size=13)
     wrapped = [textwrap.wrap(text, max(12, tw // 7))[:4] for text in captions]
-    label_h = 16 * (labels is not None)
+    # labels and the title wrap too: a verdict wider than its tile ran over its neighbour's, a long title off the edge
+    label_lines = [textwrap.wrap(label, max(12, tw // 7))[:2] for label in labels] if labels is not None else None
+    label_h = 16 * max(len(x) for x in label_lines) if label_lines else 0
     cap = 16 * max(len(x) for x in wrapped) + label_h + 6
-    head = 24 if title else 0
+    title_lines = textwrap.wrap(title, max(24, cols * tw // 7))
+    head = 16 * len(title_lines) + 8 * bool(title_lines)
     grid = Image.new("RGB", (cols * tw, head + math.ceil(n / cols) * (th + cap)), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((6, 4), title, fill="black", font=font)
+    if title_lines:
+        draw.text((6, 4), "\n".join(title_lines), fill="black", font=font, spacing=3)
     for i, (img, lines) in enumerate(zip(images, wrapped)):
         x, y = (i % cols) * tw, head + (i // cols) * (th + cap)
         tile = Image.fromarray((img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
         grid.paste(tile.resize((tw, th), Image.NEAREST), (x, y))
         if labels is not None:
             colour = "firebrick" if "unsafe" in labels[i].lower() else "darkgreen"
-            draw.text((x + 4, y + th + 3), labels[i], fill=colour, font=font)
+            draw.text((x + 4, y + th + 3), "\n".join(label_lines[i]), fill=colour, font=font, spacing=3)
         draw.text((x + 4, y + th + 3 + label_h), "\n".join(lines), fill="black", font=font, spacing=3)
     grid.save(path)
 

@@ -805,7 +805,10 @@ def demo(args):
     picks = grid_rows(base_shown["train_templates"], world)
     save_before_after(out / "before_after.png", [(name, shown, picks) for name, shown in rows], world,
                       f"seed {seeds[0]}, same prompts and evaluation seed, rows: {', '.join(name for name, _ in rows)}")
-    table = bench_markdown(agg, seeds, args.eval_seed, base["protocol"]) + "\n" + ev.results_markdown(folders)
+    per_model = ev.results_markdown(folders).replace("# Results", f"# Per model, training seed {seeds[0]} only" + (
+        f" (of {len(seeds)}: the multi-seed table above is the result; this one shows one seed's models)"
+        if len(seeds) > 1 else ""), 1)
+    table = bench_markdown(agg, seeds, args.eval_seed, base["protocol"]) + "\n" + per_model
     table += "".join(
         f"\n## Steering '{mode}': reward of drawn images by alpha (the recipe: {recipe['steering']}, alpha "
         f"{recipe['alpha']})\n\n{alpha_table(args.toy, mode=mode)}\n" for mode in ("add", "project") if not args.quick)
