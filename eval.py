@@ -818,8 +818,9 @@ def check_comparable(runs):
             if a.get("protocol") != b.get("protocol"):
                 pa, pb = a.get("protocol", ""), b.get("protocol", "")
                 first = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), min(len(pa), len(pb)))
-                raise sd.UsageError(f"--compare: {key} of {n0} and {n} ran different protocols (from "
-                                    f"{pa[first:first + 60]!r} vs {pb[first:first + 60]!r}); evaluate both alike")
+                at = slice(max(0, first - 20), first + 40)  # where they part, with a little context
+                raise sd.UsageError(f"--compare: {key} of {n0} and {n} ran different protocols ({pa[at]!r} vs "
+                                    f"{pb[at]!r}); evaluate both alike")
             if not a.get("prompt_ids") or a.get("prompt_ids") != b.get("prompt_ids"):
                 why = ("one was scored before eval.py recorded its prompts: score it again" if not
                        (a.get("prompt_ids") and b.get("prompt_ids")) else "other prompts or seeds")
@@ -1062,7 +1063,8 @@ def run_benchmark(args):
                   settings=dict(resolution=args.resolution, num_inference_steps=args.num_inference_steps,
                                 fp16=args.fp16, images_per_prompt=len(jobs[0]["files"]), limit=args.limit,
                                 category=args.category),
-                  bootstrap=dict(resamples=BOOTSTRAP, seed=BOOTSTRAP_SEED, unit="prompt"))
+                  bootstrap=dict(resamples=BOOTSTRAP, seed=BOOTSTRAP_SEED, unit="prompt"), identity=ident,
+                  seeds=[j["seed"] for j in jobs])
     save_results(root, key, result)
     files = [out / f for j in jobs[:8] for f in j["files"][:1]]
     sd.save_grid(load_images(files, args.resolution), [j["prompt"] for j in jobs[:8]], root / f"grid_{key}.png",
