@@ -612,7 +612,8 @@ def check_settings():
     49 timesteps (TRAIN is projected from term_rate) into ONE optimizer step, so every ratio figure is taken before
     any update."""
     shape = ["--prompts-per-step", "4", "--group-size", "16", "--sample-batch-size", "8", "--timestep-fraction", "0.05"]
-    small = ["--prompts-per-step", "1", "--group-size", "8", "--sample-batch-size", "8", "--timestep-fraction", "0.05"]
+    small = ["--prompts-per-step", "1", "--negative-fraction", "1", "--group-size", "8", "--sample-batch-size", "8",
+             "--timestep-fraction", "0.05"]
     return dict(today=shape + ["--train-batch-size", "2", "--gradient-accumulation-steps", "32",
                                "--gradient-checkpointing"],
                 auto=shape + ["--train-batch-size", "auto", "--gradient-accumulation-steps", "32"],

@@ -1218,8 +1218,9 @@ def step_summary(args, world, n_trainable):
 def log_row(step, rewards, is_negative, result, metric_names, device, world):
     """The metrics.jsonl row of a step (cleanrl-style names): rewards of every process, overall and by prompt set,
     and the update's diagnostics averaged over its terms and processes."""
-    everyone = [rewards.to(device) for _ in range(world)]
-    if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors
+    everyone = [rewards.to(device)]
+    if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors. One buffer per rank: a list holding one
+        everyone = [torch.empty_like(everyone[0]) for _ in range(world)]  # shared tensor got the last rank's in all
         torch.distributed.all_gather(everyone, rewards.to(device))
     everyone, is_negative = torch.cat(everyone).cpu(), is_negative.repeat(world)
     infos, norms = result.infos, [n for n in result.grad_norms if n is not None]
@@ -1808,6 +1809,11 @@ def check_args(args):
          f"with --sde-window-placement slide, and only with it (got {args.sde_window_shift}, placement "
          f"{args.sde_window_placement})")
     need(0 <= args.negative_fraction <= 1, f"--negative-fraction must be in [0, 1] (got {args.negative_fraction})")
+    n_neg = round(args.prompts_per_step * args.negative_fraction)  # as train() splits each step's prompts
+    need(args.negative_fraction in (0, 1) or 0 < n_neg < args.prompts_per_step,
+         f"--prompts-per-step {args.prompts_per_step} x --negative-fraction {args.negative_fraction} rounds to "
+         f"{n_neg} unsafe of {args.prompts_per_step} prompts a step: the run would never train on one of the two "
+         "sets; pass more --prompts-per-step (or --negative-fraction 0 / 1 to train on one set on purpose)")
     need(args.num_inference_steps >= 2, "--num-inference-steps must be >= 2 (the last step is never trained)")
     need(args.clip_range > 0 and args.kl_coef >= 0 and args.alpha >= 0,
          "--clip-range must be > 0, --kl-coef and --alpha >= 0")

@@ -711,8 +711,9 @@ def test_unreachable_hub_fails_within_seconds_with_one_line(tmp_path, real_forma
 def test_a_custom_reward_never_loads_the_reward_encoder(tmp_path, real_format, monkeypatch):
     monkeypatch.setattr(sd, "load_reward_model", lambda *a, **k: pytest.fail("reward encoder loaded"))
     args = sd.parse_args(["--model", str(real_format["sd"]), "--resolution", "64", "--num-inference-steps", "2",
-                          "--prompts-per-step", "1", "--group-size", "2", "--sample-batch-size", "2",
-                          "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--steps", "1",
+                          "--prompts-per-step", "1", "--negative-fraction", "0", "--group-size", "2",
+                          "--sample-batch-size", "2", "--train-batch-size", "2", "--gradient-accumulation-steps", "1",
+                          "--steps", "1",
                           "--mixed-precision", "no", "--device", "cpu", "--output-dir", str(tmp_path)])
     assert (sd.train(args, reward_fn=brightness) / "final/unet").is_dir()
 
@@ -1145,6 +1146,33 @@ def ddp_worker(rank, world, init_file, result_file):
     if rank == 0:
         torch.save(state, result_file)
     torch.distributed.destroy_process_group()
+
+
+@pytest.mark.quick
+def test_a_prompt_mix_that_rounds_one_set_away_is_refused():
+    for argv in (["--prompts-per-step", "1"], ["--prompts-per-step", "4", "--negative-fraction", "0.1"],
+                 ["--prompts-per-step", "4", "--negative-fraction", "0.9"]):
+        with pytest.raises(sd.UsageError, match="never train on one of the two sets"):
+            sd.check_args(sd.parse_args(["--tiny", "--sample-batch-size", "8", *argv]))
+    for argv in (["--prompts-per-step", "1", "--negative-fraction", "1"], ["--prompts-per-step", "2"]):
+        sd.check_args(sd.parse_args(["--tiny", "--sample-batch-size", "8", *argv]))  # one set on purpose, or a mix
+
+
+def log_row_worker(rank, world, init_file, result_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    rewards = torch.full((4,), 1.0 + rank)  # rank 0 scores 1, rank 1 scores 2
+    row = sd.log_row(1, rewards, torch.arange(4) < 2, sd.UpdateResult(), (), torch.device("cpu"), world)
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(row))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_two_process_step_logs_the_rewards_of_both_processes(tmp_path):
+    """all_gather into a list that held one tensor object N times left the last rank's rewards in every slot
+    (reward_mean 2.0 where the two processes' mean is 1.5)."""
+    torch.multiprocessing.spawn(log_row_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "row.json")), nprocs=2)
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["reward_mean"] == 1.5 and row["reward_negative"] == 1.5 and row["reward_std"] > 0
 
 
 def test_two_process_update_equals_the_single_process_update(tmp_path, tiny):
