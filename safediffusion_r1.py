@@ -1227,9 +1227,15 @@ def log_row(step, rewards, is_negative, result, metric_names, device, world):
     missing = {k for k in metric_names for i in infos if k not in i}
     if missing:
         raise TypeError(f"the update's infos lack the metrics its Objective declares: {sorted(missing)}")
-    stats = {k: sum(i[k] for i in infos) / len(infos) if infos else float("nan") for k in metric_names}
-    stats["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
-    stats = dict(zip(stats, all_mean(torch.tensor(list(stats.values()), device=device), world).tolist()))
+    # Pooled over every process's terms (sums and counts, then one division): a process with no term this step (the
+    # DPO fork's, when its groups gave no pair) adds nothing, where averaging its NaN mean made the row NaN.
+    sums = [sum(i[k] for i in infos) for k in metric_names] + [len(infos), sum(norms), len(norms)]
+    sums = torch.tensor(sums, dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    *totals, n_infos, norm_sum, n_norms = sums.tolist()
+    stats = {k: total / n_infos if n_infos else float("nan") for k, total in zip(metric_names, totals)}
+    stats["grad_norm"] = norm_sum / n_norms if n_norms else float("nan")
     return dict(step=step, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
                 reward_negative=everyone[is_negative].mean().item() if is_negative.any() else None,
                 reward_positive=everyone[~is_negative].mean().item() if not is_negative.all() else None,

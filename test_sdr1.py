@@ -1161,7 +1161,8 @@ def test_a_prompt_mix_that_rounds_one_set_away_is_refused():
 def log_row_worker(rank, world, init_file, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     rewards = torch.full((4,), 1.0 + rank)  # rank 0 scores 1, rank 1 scores 2
-    row = sd.log_row(1, rewards, torch.arange(4) < 2, sd.UpdateResult(), (), torch.device("cpu"), world)
+    result = sd.UpdateResult(infos=[dict(policy_loss=2.0)] if rank == 0 else [])  # rank 1: no term (DPO, no pair)
+    row = sd.log_row(1, rewards, torch.arange(4) < 2, result, ("policy_loss",), torch.device("cpu"), world)
     if rank == 0:
         Path(result_file).write_text(json.dumps(row))
     torch.distributed.destroy_process_group()
@@ -1169,10 +1170,11 @@ def log_row_worker(rank, world, init_file, result_file):
 
 def test_a_two_process_step_logs_the_rewards_of_both_processes(tmp_path):
     """all_gather into a list that held one tensor object N times left the last rank's rewards in every slot
-    (reward_mean 2.0 where the two processes' mean is 1.5)."""
+    (reward_mean 2.0 where the two processes' mean is 1.5); a process with no loss term made the row NaN."""
     torch.multiprocessing.spawn(log_row_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "row.json")), nprocs=2)
     row = json.loads((tmp_path / "row.json").read_text())
     assert row["reward_mean"] == 1.5 and row["reward_negative"] == 1.5 and row["reward_std"] > 0
+    assert row["policy_loss"] == 2.0  # the process without a term adds nothing (it made the row NaN)
 
 
 def test_two_process_update_equals_the_single_process_update(tmp_path, tiny):
