@@ -973,8 +973,7 @@ def plot_run(run_dir):
 def parse_args(argv=None):
     """Command line -> argparse namespace; --resolution and --num-inference-steps default to the protocols'
     (512 px, 50 steps), or 64 px and 4 steps with --tiny."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sd.OneLineErrors(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--benchmark", choices=["i2p", "geneval", "coco", "mma", "unlearndiff", "ringabell"],
                    help="what to generate and score")
     p.add_argument("--prompts-file", default="", help="mma: the MMA-Diffusion NSFW adversarial CSV (not shipped: "

@@ -1345,10 +1345,7 @@ def save_checkpoint(run_dir, step, policy, opt, generator, rank=0, keep=0):
         raise DiskFull(f"disk full while saving checkpoint {step}: it needs about {need / 2**30:.1f} GiB free in "
                        f"{run_dir} ({shutil.disk_usage(run_dir).free / 2**30:.1f} GiB free now); the previous "
                        "checkpoint is intact and --resume latest continues from it exactly") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in tmp.iterdir():  # safetensors writes 0600; a teammate on a shared cluster must read it like the rest
-        f.chmod(0o666 & ~umask)
+    readable_like_the_rest(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     done = sorted(p for p in final.parent.glob("checkpoint-*") if not p.name.endswith(".tmp"))
@@ -1398,6 +1395,10 @@ def plan_run(args):
     name, out = args.run_name, Path(args.output_dir)
     if name in (".", "..") or "/" in name or os.sep in name:
         raise UsageError(f"--run-name {name!r}: one folder name without '/' (the run is made under --output-dir)")
+    if len(name.encode()) > 255:
+        raise UsageError(f"--run-name is {len(name.encode())} bytes long: a folder name holds at most 255")
+    if name and (out / name).exists() and not (out / name).is_dir():
+        raise UsageError(f"--run-name {name}: {out / name} is a file, not a run folder; pick another name")
     if args.resume in ("latest", "auto"):
         if not name:
             runs = sorted({p.parent.parent.name for p in out.glob("*/checkpoints/checkpoint-*")})
@@ -1543,6 +1544,16 @@ def load_checkpoint(path, policy, opt, generator, rank=0):
         raise UsageError(f"--resume {path}: cannot load checkpoint: {e}") from None
 
 
+def readable_like_the_rest(folder):
+    """safetensors writes 0600: give every file under `folder` the permissions the umask gives any other file, so a
+    teammate on a shared cluster reads checkpoints and exported weights like the rest of the run."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
 def export_for_diffusers(path, unet, lora):
     """Weights a stock StableDiffusionPipeline loads: the unet/ folder (full fine-tune:
     `UNet2DConditionModel.from_pretrained(path, subfolder="unet")`) or LoRA (`pipe.load_lora_weights(path)`)."""
@@ -1552,6 +1563,7 @@ def export_for_diffusers(path, unet, lora):
         StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet))
     else:
         unet.save_pretrained(Path(path, "unet"))
+    readable_like_the_rest(path)
 
 
 def check_output_dir(output_dir):
@@ -1760,8 +1772,8 @@ def parse_args(argv=None, args_class=Args):
     """Command line (sys.argv[1:] when None) -> an `args_class` instance: Args, or a fork's subclass of it with its
     own flags (fork_dpo.DPOArgs). Every dataclass field is a flag; booleans get --x / --no-x; --tiny swaps in
     TINY_DEFAULTS before parsing, so the flags given explicitly still win."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp,
-                                     allow_abbrev=False)  # a prefix like --tin would set --tiny without its defaults
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp,
+                           allow_abbrev=False)  # a prefix like --tin would set --tiny without its defaults
     group = parser
     for f in dataclasses.fields(args_class):
         meta = dict(f.metadata)
@@ -1789,6 +1801,12 @@ def int_or_auto(text):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse with its errors in one line: a misspelt flag printed the whole usage (43 lines) before its line."""
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):

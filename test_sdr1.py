@@ -1331,9 +1331,10 @@ def test_gpu_check_runs_every_stage_and_measures_the_default_s_peak_with_its_opt
                                                                               "compile"}
     assert all("seconds_per_term" in v for v in result["variants"].values()), result["variants"]
     assert list(tmp_path.iterdir()) == [tmp_path / "gpu_check.json"]  # no run folder left behind
-    proc = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--device", "cpu", "--out", str(tmp_path / "x")],
-                          cwd=HERE, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--tiny" in proc.stderr
+    for device in ("cpu",) + ("cuda",) * (not torch.cuda.is_available()):  # refused before any model is built
+        proc = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--device", device, "--out",
+                               str(tmp_path / "x")], cwd=HERE, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--tiny" in proc.stderr
 
 
 @pytest.mark.quick
@@ -1705,10 +1706,15 @@ def test_a_run_folder_is_never_overwritten_and_run_name_is_one_folder(tmp_path):
     # --resume auto: a fresh start when the run has no checkpoint, the latest one when it has
     assert [r["step"] for r in metrics(quick_run(tmp_path, "C", 1, "--resume", "auto"))] == [1]
     assert [r["step"] for r in metrics(quick_run(tmp_path, "C", 2, "--resume", "auto"))] == [1, 2]
-    mode = (tmp_path / "runs/C/checkpoints/checkpoint-000002/weights.safetensors").stat().st_mode & 0o777
     umask = os.umask(0)
     os.umask(umask)
-    assert mode == 0o666 & ~umask  # readable by a teammate like every other file, not 0600
+    for weights in ("checkpoints/checkpoint-000002/weights.safetensors",
+                    "final/unet/diffusion_pytorch_model.safetensors"):
+        mode = (tmp_path / "runs/C" / weights).stat().st_mode & 0o777
+        assert mode == 0o666 & ~umask, weights  # readable by a teammate like every other file, not 0600
+    (tmp_path / "runs/F").write_text("not a run")
+    with pytest.raises(sd.UsageError, match="runs/F is a file, not a run folder"):
+        quick_run(tmp_path, "F", 1)
 
 
 def test_a_new_learning_rate_takes_effect_on_resume_and_is_logged_and_a_group_size_change_is_refused(tmp_path):
@@ -1812,6 +1818,8 @@ def test_a_full_disk_is_one_line_with_the_space_needed_and_the_previous_checkpoi
     (["--tiny", "--steps", "0"], "--steps must be >= 1"),
     (["--tiny", "--device", "cuda"], "no CUDA GPU is visible"),
     (["--tiny", "--run-name", "../up"], "one folder name"),
+    (["--tiny", "--run-name", "x" * 300], "a folder name holds at most 255"),
+    (["--tiny", "--lerning-rate", "1"], "unrecognized arguments: --lerning-rate 1 (--help lists the flags)"),
     (["--tiny", "--grid-prompts", str(HERE / "prompts/train_negative.txt")], "each line starts with 'unsafe: '"),
 ])
 @pytest.mark.quick
