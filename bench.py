@@ -38,7 +38,7 @@ import torch
 
 import safediffusion_r1 as sd
 
-GIB = 2**30
+GIB = sd.GIB
 
 
 def timed(fn, device):
@@ -454,8 +454,7 @@ def term_rate(models, full, device, settings, peak_tflops, variant="", repeats=8
     -> seconds per term, TFLOP per term (torch's FLOP counter on the very call), TFLOP/s and the share of
     `peak_tflops`; and seconds per optimizer step (fused AdamW with clipping), paid once per accumulation."""
     args = sd.parse_args(base_argv(full) + settings + ["--device", device.type])
-    policy, opt = sd.setup_policy(models, args, device)
-    sd.set_checkpointing(policy.unet, args.gradient_checkpointing is not False)
+    policy, opt = sd.setup_policy(models, args, device)  # checkpointing as the flags say, unset = on
     if variant == "channels_last":
         policy.unet.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"
@@ -542,7 +541,7 @@ def gpu_check(args, device):
         ["--gradient-checkpointing"] if auto_plan["gradient_checkpointing"] else ["--no-gradient-checkpointing"])
     result["rate"] = rates = {"today": term_rate(models, full, device, steps["today"], peak),
                               "auto": term_rate(models, full, device, planned, peak)}
-    trained = (50 if full else sd.TINY_DEFAULTS["num_inference_steps"]) - 1  # a default step's trained timesteps
+    trained = sd.parse_args(base_argv(full)).num_inference_steps - 1  # a default step's trained timesteps
     result["projection"] = {k: projection(r, auto_row, r["train_batch_size"], trained) for k, r in rates.items()}
     report_checks(result, [], args.out)
     for k, r in rates.items():

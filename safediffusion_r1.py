@@ -444,10 +444,9 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0
 
 
 def as_floats(infos):
-    """[{name: 0-dim tensor or float}] -> [{name: float}], with one device-to-host copy for the whole update."""
-    tensors = [v.float() for i in infos for v in i.values() if torch.is_tensor(v)]
-    values = iter(torch.stack(tensors).tolist() if tensors else [])
-    return [{k: next(values) if torch.is_tensor(v) else float(v) for k, v in i.items()} for i in infos]
+    """[{name: 0-dim tensor}] (grpo_loss's) -> [{name: float}], with one device-to-host copy for the whole update."""
+    values = iter(torch.stack([v.float() for i in infos for v in i.values()]).tolist() if infos else [])
+    return [{k: next(values) for k in i} for i in infos]
 
 
 @dataclasses.dataclass

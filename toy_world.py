@@ -805,9 +805,9 @@ def demo(args):
     picks = grid_rows(base_shown["train_templates"], world)
     save_before_after(out / "before_after.png", [(name, shown, picks) for name, shown in rows], world,
                       f"seed {seeds[0]}, same prompts and evaluation seed, rows: {', '.join(name for name, _ in rows)}")
-    per_model = ev.results_markdown(folders).replace("# Results", f"# Per model, training seed {seeds[0]} only" + (
+    per_model = ev.results_markdown(folders, f"Per model, training seed {seeds[0]} only" + (
         f" (of {len(seeds)}: the multi-seed table above is the result; this one shows one seed's models)"
-        if len(seeds) > 1 else ""), 1)
+        if len(seeds) > 1 else ""))
     table = bench_markdown(agg, seeds, args.eval_seed, base["protocol"]) + "\n" + per_model
     table += "".join(
         f"\n## Steering '{mode}': reward of drawn images by alpha (the recipe: {recipe['steering']}, alpha "
