@@ -466,7 +466,7 @@ class OptimState:
     optimizer: torch.optim.Optimizer  # AdamW
     scaler: torch.amp.GradScaler      # fp16's loss scale; a no-op otherwise: backward through scaler.scale(loss)
     world: int = 1                    # torchrun processes: optimizer_step averages their gradients
-    weights_moved: bool = False       # set by optimizer_step: a preemption then finishes the step (stop_signals)
+    before_update: typing.Optional[typing.Callable] = None  # train()'s: keeps the steps done for a preemption
 
 
 @dataclasses.dataclass
@@ -609,7 +609,8 @@ def optimizer_step(opt, max_grad_norm, result=None):
     norm = torch.nn.utils.clip_grad_norm_(opt.params, max_grad_norm)
     norm = norm.item() if torch.isfinite(norm) else None
     if norm is not None:
-        opt.weights_moved = True  # from here a preemption finishes the step instead of abandoning it
+        if opt.before_update:  # train() copies the weights of the steps done before they first move (stop_signals)
+            opt.before_update()
         opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.optimizer.zero_grad(set_to_none=True)
@@ -653,16 +654,16 @@ def train(args, objective=GRPO, models=None, reward_fn=None):
     real-size ones) instead of loaded from --model. `reward_fn`: shorthand for the objective with that reward_fn."""
     if reward_fn is not None:
         objective = dataclasses.replace(objective, reward_fn=reward_fn)
-    run = setup_run(args, objective, models)  # every check, the models, the policy, resume, the memory plan, the folder
-    args, policy, opt, models, gen = run.args, run.policy, run.opt, run.models, run.gen  # args: the plan's numbers
-    P, G, S = args.prompts_per_step, args.group_size, args.sample_batch_size
-    n_neg = round(P * args.negative_fraction)
-    try:
-        if run.rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
-            sample_grid(run.run_dir / "samples_000000.png", policy, run.models, *run.grid, args, 0)
-        with stop_signals(run.say, opt) as stop:
+    with stop_signals(int(os.environ.get("RANK", 0))) as stop:  # a signal at any moment: the steps done are saved
+        run = setup_run(args, objective, models, stop)  # the checks, the run folder, the models, the policy, resume
+        args, policy, opt, models, gen = run.args, run.policy, run.opt, run.models, run.gen  # args: the plan's numbers
+        P, G, S = args.prompts_per_step, args.group_size, args.sample_batch_size
+        n_neg = round(P * args.negative_fraction)
+        with run_ending(run, stop):  # a signal's save, the lock let go, torchrun's group closed: however the run ends
+            if run.rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
+                sample_grid(run.run_dir / "samples_000000.png", policy, run.models, *run.grid, args, 0)
             for step in run.bar:  # from the steps already done to --steps
-                marks = start_step(step, stop, opt, gen, run.device)  # clock readings, one per phase
+                marks = start_step(run, stop, step)  # clock readings, one per phase
                 # ================= SAMPLE: G trajectories per prompt, no grad =================
                 prompts = draw_prompts(run.negatives, n_neg, gen) + draw_prompts(run.positives, P - n_neg, gen)
                 traj = objective.sample(prompts, policy, models, args, gen, step)  # (B, T, ...), B = P x G
@@ -680,12 +681,8 @@ def train(args, objective=GRPO, models=None, reward_fn=None):
                 marks.append(clock(run.device))
                 # ================= LOG, SAVE, and stop on divergence or a signal =================
                 end_step(run, stop, step, traj, rewards, result, marks)
-        if run.rank == 0:
-            export_for_diffusers(run.run_dir / "final", policy.unet, args.lora_rank > 0)
-    except Preempted as e:
-        save_preempted(run, stop, str(e), args.checkpoints_total_limit)
-    finally:
-        close_run(run)
+            if run.rank == 0:
+                export_final(run, stop)
     return run.run_dir
 
 
@@ -702,7 +699,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class DiskFull(RuntimeError):
-    """A checkpoint could not be written for lack of space: exit code 1, the previous checkpoint intact."""
+    """A checkpoint or run file could not be written (full disk, no permission): exit code 1, the previous
+    checkpoint intact."""
 
 
 class RunInterrupted(Exception):
@@ -1069,12 +1067,32 @@ def plan_line(plan, before=None):
 PROMPT_CHARS = 4000  # 77 CLIP tokens never span more (the longest token in its vocabulary is ~20 characters)
 
 
-def setup_run(args, objective, models):
+def setup_run(args, objective, models, stop):
     """Everything train() needs before its first step: every check before any work, every write after every check.
-    -> namespace: args, objective, rank, world, device, gen (the run's one CPU generator), models, policy and opt
-    (setup_policy), reward_fn, negatives / positives (the prompt sets), grid (prompts, unsafe count), start (steps
-    already done), bar (the steps left, with a progress bar), run_dir, lock, say (print on rank 0), wandb, bad_steps."""
+    -> namespace: args (a resumed run's own for every flag not named now), objective, rank, world, device, gen (the
+    run's one CPU generator), models, policy and opt (setup_policy), reward_fn, negatives / positives (the prompt
+    sets), grid (prompts, unsafe count), start (steps already done), saved_step (the newest checkpoint this run wrote
+    or resumed from), bar (the steps left, with a progress bar), run_dir, lock, say (print on rank 0), wandb,
+    bad_steps."""
     check_args(args)
+    check_output_dir(args.output_dir)
+    rank, world, device = init_distributed(args.device if args.device != "auto" else
+                                           "cuda" if torch.cuda.is_available() else "cpu")
+    # The run folder is claimed (locked) here, before any model loads: a second process on it is refused at once.
+    claim, lock = on_rank_0(plan_run, args, objective, rank=rank, world=world)
+    stop.advice = resume_advice(claim.args, claim.run_dir)
+    try:
+        return setup_claimed(claim.args, objective, models, stop, rank, world, device, claim, lock)
+    except BaseException:
+        unclaim(claim.run_dir, lock)
+        raise
+
+
+def setup_claimed(args, objective, models, stop, rank, world, device, claim, lock):
+    """setup_run once the run folder is claimed (plan_run's `claim`, its `lock`): the inputs, the models, the policy,
+    resume, the plan, the run's files."""
+    run_dir, changes = claim.run_dir, claim.changes
+    check_args(args)  # again: a resumed run's flags are now its own
     reward_fn = objective.reward_fn
     # A prompt is cut at PROMPT_CHARS characters, far past its 77 tokens: a 10 MB line was tokenized whole every
     # time it was drawn (77 s for one step). The tokenizer truncates the rest as before; the warning still counts it.
@@ -1085,18 +1103,15 @@ def setup_run(args, objective, models):
     if reward_fn is None:
         anchors = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
     grid = read_grid_prompts(args.grid_prompts)
-    check_output_dir(args.output_dir)
-    rank, world, device = init_distributed(args.device if args.device != "auto" else
-                                           "cuda" if torch.cuda.is_available() else "cpu")
     if args.max_memory_gib and device.type == "cuda":  # the allocator refuses past the cap, as on a smaller card
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GIB / total), device)
-    run_dir, candidates, changes = on_rank_0(plan_run, args, rank=rank, world=world)  # all resume from the same files
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
     models = models or load_models(args, reward=reward_fn is None)
     policy, opt = setup_policy(models, args, device, world, reference=objective.needs_reference)
+    opt.before_update = keep_steps_done(stop, policy, opt, rank)
     if reward_fn is None:
         # The reward model stays fp32 and runs without autocast (TF32 on Ampere+): it scores each image once per
         # step, ~0.1% of the step's FLOPs, and in bf16 its rewards were off by 4.7e-4 (within-group std ~1e-2).
@@ -1106,7 +1121,7 @@ def setup_run(args, objective, models):
     say = print if rank == 0 else (lambda *a, **k: None)
     # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
     # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
-    resume, start = resume_newest(candidates, policy, opt, gen, args, rank)
+    resume, start = resume_newest(claim.candidates, policy, opt, gen, args, rank)
     asked = args  # args.json records the flags as given (auto), and the plan made of them for this device beside them
     args, plan = memory_plan(args, policy, opt, device)
     say(step_summary(args, world, sum(p.numel() for p in opt.params)))
@@ -1119,17 +1134,13 @@ def setup_run(args, objective, models):
     if too_long:
         warnings.warn(f"{too_long} of the {len(negatives + positives)} prompts are longer than {limit} tokens: "
                       "they are truncated, as diffusers does")
-    lock, took_over = None, ""
-    if rank == 0:  # the lock from the first write on; train() lets go of it however the run ends
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock, took_over = lock_run(run_dir)
-        try:
-            open_run_dir(run_dir, asked, start, changes, plan)
-        except BaseException:
-            release_lock(lock)
-            raise
+    if rank == 0:
+        open_run_dir(run_dir, asked, start, changes, plan, objective, claim.parent)
+    took_over = lock[1] if lock else ""
     say(f"run folder: {run_dir}" + (f" | took over the lock of {took_over}: that process is gone" if took_over else "")
         + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else "")
+        + (" | a branch: a new run from that checkpoint" if claim.parent else "")
+        + (f" | the {start} steps are done: exporting final/ only" if resume and start == args.steps else "")
         + "".join(f" | {k} {a} -> {b}" for k, (a, b) in changes.items()))
     wandb = None
     if args.wandb and rank == 0:
@@ -1140,22 +1151,38 @@ def setup_run(args, objective, models):
                disable=rank > 0 or not sys.stderr.isatty())
     return types.SimpleNamespace(args=args, objective=objective, rank=rank, world=world, device=device, gen=gen,
                                  models=models, policy=policy, opt=opt, reward_fn=reward_fn, negatives=negatives,
-                                 positives=positives, grid=grid, start=start, bar=bar, bad_steps=0,
-                                 run_dir=run_dir if rank == 0 else None, lock=lock, say=say, wandb=wandb)
+                                 positives=positives, grid=grid, start=start, saved_step=start, bar=bar, bad_steps=0,
+                                 run_dir=run_dir if rank == 0 else None, lock=lock and lock[0], say=say, wandb=wandb)
 
 
-def start_step(step, stop, opt, gen, device):
-    """A step begins: what a preemption needs to abandon it (the step, the generator's state when it began, no
-    weight moved yet), the peak-memory counter reset. -> [the clock now], the first of the step's phase marks."""
-    stop.step, stop.step_start, opt.weights_moved = step, gen.get_state(), False
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return [clock(device)]
+def unclaim(run_dir, lock):
+    """A setup that failed lets go of the run folder, and removes the folders plan_run made when nothing was written
+    in them. lock: plan_run's (file, dead holder's line, the first folder it made or None); None off rank 0."""
+    if lock is None:
+        return
+    release_lock(lock[0])
+    with contextlib.suppress(OSError):
+        if lock[2] is not None and {p.name for p in run_dir.iterdir()} == {RUN_LOCK}:
+            (run_dir / RUN_LOCK).unlink()
+            for folder in [run_dir, *run_dir.parents]:
+                folder.rmdir()
+                if folder == lock[2]:
+                    break
+
+
+def start_step(run, stop, step):
+    """A step begins: what a signal needs to abandon it (the steps done, every process's generator state now, no
+    weight moved yet: stop_signals), the peak-memory counter reset. -> [the clock now], the first phase mark."""
+    stop.step, stop.moved = step, False
+    stop.generators = gather_generators(run.gen, run.world)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return [clock(run.device)]
 
 
 def end_step(run, stop, step, traj, rewards, result, marks):
     """LOG, SAVE and STOP after a step: its metrics.jsonl row, the grid and checkpoint when due, the divergence check,
-    and RunInterrupted when a signal asked to stop (every process at the same step)."""
+    and RunInterrupted when a signal reached only torchrun's other processes (every process stops at this step)."""
     args, metrics = run.args, run.objective.metrics
     n_neg = round(args.prompts_per_step * args.negative_fraction) * args.group_size
     row = log_row(step + 1, rewards, torch.arange(len(rewards)) < n_neg, result, metrics, run.device, run.world)
@@ -1164,32 +1191,55 @@ def end_step(run, stop, step, traj, rewards, result, marks):
                zip(("sample", "decode", "reward", "train"), marks, marks[1:])})
     if run.rank == 0:
         write_row(row, run.run_dir, run.wandb, run.bar, metrics, args.steps)
-    stop.signal = agree_to_stop(stop.signal, run.device, run.world)
-    done = step + 1 == args.steps or stop.signal
+    signalled = agree_to_stop(stop.signal, run.device, run.world)
+    done = step + 1 == args.steps or signalled
     if run.rank == 0 and ((step + 1) % args.sample_every == 0 or done):
         sample_grid(run.run_dir / f"samples_{step + 1:06d}.png", run.policy, run.models, *run.grid, args, step + 1)
     if (step + 1) % args.save_every == 0 or done:
-        save_checkpoint(run.run_dir, step + 1, run.policy, run.opt, run.gen, run.rank, args.checkpoints_total_limit)
+        generators = gather_generators(run.gen, run.world)
+        if run.rank == 0:
+            save_checkpoint(run.run_dir, step + 1, trainable_state(run.policy.unet), run.opt.optimizer.state_dict(),
+                            generators, args.checkpoints_total_limit)
+        run.saved_step = step + 1
     # A step is bad when its reward or loss is non-finite, or a gradient is. Under fp16 an overflowing gradient with
     # a finite loss is the loss scale settling (GradScaler lowers it), not divergence.
     nonfinite = not torch.isfinite(rewards).all() or not all(math.isfinite(v) for i in result.infos
                                                              for v in i.values())
     run.bad_steps = run.bad_steps + 1 if nonfinite or (result.skipped and args.mixed_precision != "fp16") else 0
     check_divergence(run.bad_steps, step + 1, args.max_nonfinite_steps, run.say)
-    if stop.signal:
-        raise RunInterrupted(130 if stop.signal == "Ctrl-C" else EXIT_PREEMPTED,
-                             f"{stop.signal}: stopped after step {step + 1} with its checkpoint saved; continue with "
-                             "--resume latest")
+    if signalled:
+        raise RunInterrupted(EXIT_PREEMPTED, f"{signalled} on another process: stopped after step {step + 1}, its "
+                                             f"checkpoint saved; continue with {stop.advice}")
 
 
-def close_run(run):
-    """However the run ends: the progress bar closed, the lock let go, W&B finished, torchrun's group destroyed."""
-    run.bar.close()
-    release_lock(run.lock)
-    if run.wandb:
-        run.wandb.finish()
-    if run.world > 1:
-        torch.distributed.destroy_process_group()
+@contextlib.contextmanager
+def run_ending(run, stop):
+    """However the run ends: after a signal the steps done saved (save_preempted), the progress bar closed, the lock
+    let go, W&B finished, torchrun's group destroyed (not after a signal: a process may be gone)."""
+    stop.phase, stop.step = "training", run.start
+    try:
+        yield
+        stop.phase = "done"  # from here a signal is too late to lose anything: the run ends as it would
+    except Preempted as e:
+        save_preempted(run, stop, str(e))
+    except OSError as e:  # a run file (metrics row, grid, export) that cannot be written: one line, what is intact
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        raise DiskFull(f"{'disk full' if e.errno in (errno.ENOSPC, errno.EDQUOT) else 'cannot write'}: "
+                       f"{e.filename or e.strerror}; " + (f"checkpoint {run.saved_step} is intact" if run.saved_step
+                                                          else "no checkpoint yet") +
+                       f"; free space or fix the folder, then continue with {stop.advice}") from None
+    except Exception:
+        if stop.signal and run.rank > 0:  # rank 0 left on the signal: the collective this process was in broke
+            raise RunInterrupted(EXIT_PREEMPTED, f"{stop.signal}: process {run.rank} stopped with process 0") from None
+        raise
+    finally:
+        run.bar.close()
+        release_lock(run.lock)
+        if run.wandb:
+            run.wandb.finish()
+        if run.world > 1 and not stop.signal:
+            torch.distributed.destroy_process_group()
 
 
 def draw_prompts(pool, k, gen):
@@ -1315,50 +1365,78 @@ def trainable_state(unet):
     return {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir, step, policy, opt, generator, rank=0, keep=0):
-    """run_dir/checkpoints/checkpoint-<step>/{weights.safetensors, state.pt}. The rename is atomic, so a
-    folder with the final name is always complete, whatever killed the process. Under torchrun every rank's
-    RNG state is gathered (each draws its own prompts) and rank 0 writes. `keep` > 0: the newest `keep`
+def save_checkpoint(run_dir, step, weights, optimizer_state, generators, keep=0):
+    """run_dir/checkpoints/checkpoint-<step>/{weights.safetensors, state.pt}: the trainable weights ({name: tensor}),
+    AdamW's state_dict and every process's generator state (gather_generators). Written as a .tmp folder and renamed:
+    a folder with the final name is always complete, whatever killed the process. `keep` > 0: the newest `keep`
     checkpoints stay, older ones are deleted once the new one is complete (diffusers' --checkpoints-total-limit)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
-    states = [generator.get_state()]
-    if opt.world > 1:
-        states = [None] * opt.world
-        torch.distributed.all_gather_object(states, generator.get_state())
-    if rank > 0:
-        return None
     final = Path(run_dir, "checkpoints", f"checkpoint-{step:06d}")
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file(trainable_state(policy.unet), tmp / "weights.safetensors")  # trainable weights only: UNet or LoRA
-        torch.save(dict(step=step, optimizer=opt.optimizer.state_dict(), generators=states), tmp / "state.pt")
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
+        torch.save(dict(step=step, optimizer=optimizer_state, generators=generators), tmp / "state.pt")
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's is a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         if getattr(e, "errno", None) != errno.ENOSPC and "No space left" not in str(e):
             raise
-        need = sum(t.numel() * t.element_size() for t in [*opt.params, *(
-            v for st in opt.optimizer.state.values() for v in st.values() if torch.is_tensor(v))])
+        need = sum(t.numel() * t.element_size() for t in [*weights.values(), *(
+            v for st in optimizer_state["state"].values() for v in st.values() if torch.is_tensor(v))])
         raise DiskFull(f"disk full while saving checkpoint {step}: it needs about {need / 2**30:.1f} GiB free in "
                        f"{run_dir} ({shutil.disk_usage(run_dir).free / 2**30:.1f} GiB free now); the previous "
                        "checkpoint is intact and --resume latest continues from it exactly") from None
     readable_like_the_rest(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    done = sorted(p for p in final.parent.glob("checkpoint-*") if not p.name.endswith(".tmp"))
-    for old in done[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)  # a checkpoint's step is written once per run: never one of another attempt (plan_run)
+    for old in complete_checkpoints(run_dir)[keep:] if keep else []:
+        gone = old.with_name(old.name + ".deleting")  # renamed first: a half-deleted folder is never a candidate
+        os.replace(old, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return final
+
+
+def gather_generators(gen, world):
+    """Every process's generator state, in rank order (a checkpoint resumes each process's own draws)."""
+    if world == 1:
+        return [gen.get_state()]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, gen.get_state())
+    return states
+
+
+def to_host(obj, into=None):
+    """A copy of a (nested dict / list of) state on the host, reusing the buffers of the previous copy `into`. From a
+    GPU into pinned memory, asynchronously: the copy is ordered before the optimizer step that follows it on the
+    stream, and the host waits for it only when it writes it (save_preempted)."""
+    if torch.is_tensor(obj):
+        if not (torch.is_tensor(into) and into.shape == obj.shape and into.dtype == obj.dtype):
+            into = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+        return into.copy_(obj.detach(), non_blocking=obj.is_cuda)
+    if isinstance(obj, dict):
+        into = into if isinstance(into, dict) else {}
+        return {k: to_host(v, into.get(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(to_host(v, b) for v, b in zip(obj, into))
+    return copy.deepcopy(obj)
+
+
+def keep_steps_done(stop, policy, opt, rank):
+    """opt.before_update for train(): before a step's first optimizer update, a host copy of the trainable weights and
+    AdamW's state (the steps done), which a signal later in the step saves. Only rank 0 saves, so only it copies: a
+    full fine-tune's ~10 GB of host memory (weights and Adam's two moments in fp32, ~0.5 s a step over PCIe), a LoRA's
+    few MB."""
+    def before_update():
+        if not stop.moved and rank == 0:
+            stop.snapshot = to_host((trainable_state(policy.unet), opt.optimizer.state_dict()), stop.snapshot)
+        stop.moved = True  # after the copy: a signal during it still finds the weights unmoved
+    return before_update
 
 
 # A run is its folder: --output-dir/--run-name. Every decision about it (which folder, which checkpoints, which flags
 # may change) is made from the files alone, before any model loads; a lock file keeps a second process out.
-IMMUTABLE = ("model", "tiny", "lora_rank", "resolution", "num_inference_steps", "group_size", "prompts_per_step",
-             "seed")  # a resumed run that changed these would be another run under the same name
-
-
 RUN_LOCK = "run.lock"
 
 
@@ -1388,9 +1466,11 @@ def run_record(args):
     return record
 
 
-def plan_run(args):
-    """Which folder the run writes and which checkpoints it resumes from, decided from the files before any model
-    loads. -> (run_dir, checkpoint candidates best first, {flag: (before, now)} changed since the run's args.json)."""
+def plan_run(args, objective=None):
+    """Which folder the run writes, which checkpoints it resumes from and with which flags, decided from the files
+    before any model loads, the folder claimed first (its lock): no other process decides on the same files meanwhile.
+    -> (namespace: run_dir, candidates (checkpoints, best first), changes ({flag: (before, now)}), args (a resumed
+    run's own for every flag not named now), parent (the checkpoint a branch starts from, or None); the lock)."""
     name, out = args.run_name, Path(args.output_dir)
     if name in (".", "..") or "/" in name or os.sep in name:
         raise UsageError(f"--run-name {name!r}: one folder name without '/' (the run is made under --output-dir)")
@@ -1398,6 +1478,7 @@ def plan_run(args):
         raise UsageError(f"--run-name is {len(name.encode())} bytes long: a folder name holds at most 255")
     if name and (out / name).exists() and not (out / name).is_dir():
         raise UsageError(f"--run-name {name}: {out / name} is a file, not a run folder; pick another name")
+    parent = None
     if args.resume in ("latest", "auto"):
         if not name:
             runs = sorted({p.parent.parent.name for p in out.glob("*/checkpoints/checkpoint-*")})
@@ -1407,34 +1488,115 @@ def plan_run(args):
                     f"; {len(runs)} runs under {out} have checkpoints" + (f": {', '.join(runs[:6])}" if runs else "")))
             name = runs[0]
         run_dir = out / name
-        candidates = complete_checkpoints(run_dir)
     elif args.resume:
-        path = Path(args.resume)
-        if not (path / "weights.safetensors").is_file() or not (path / "state.pt").is_file():
+        parent = Path(args.resume)
+        if not (parent / "weights.safetensors").is_file() or not (parent / "state.pt").is_file():
             raise UsageError(f"--resume {args.resume}: not a checkpoint folder (needs weights.safetensors and "
                              "state.pt)")
-        run_dir, candidates = path.parent.parent, [path]
-        if name and name != run_dir.name:
-            raise UsageError(f"--resume {args.resume} belongs to run {run_dir.name}, not --run-name {name}")
+        run_dir = out / name if name and name != parent.parent.parent.name else parent.parent.parent
     else:
-        run_dir, candidates = out / (name or time.strftime("%Y%m%d-%H%M%S")), []
-        if holds_a_run(run_dir):
-            raise UsageError(f"{run_dir} already holds a run: continue it with --resume latest --run-name "
-                             f"{run_dir.name}, or start a new one under another --run-name")
-    if run_dir.exists() and not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UsageError(f"run folder {run_dir} is not writable")
-    lock_run(run_dir, check_only=True)  # a live run first: its first checkpoint may not be written yet
-    if not candidates and args.resume == "latest":
-        raise UsageError(f"--resume latest: no complete checkpoint in {run_dir} (--resume auto starts a run fresh when "
-                         "it has none)")
+        run_dir = out / (name or time.strftime("%Y%m%d-%H%M%S"))
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "final"):  # found now, not after a whole step
+        if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"run folder {folder} is not writable")
+    made = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = (*lock_run(run_dir), made)
+    try:
+        return decide_run(args, objective, run_dir, parent), lock
+    except BaseException:
+        unclaim(run_dir, lock)
+        raise
+
+
+def decide_run(args, objective, run_dir, parent):
+    """plan_run's decision, taken under the run's lock."""
+    branch = parent is not None and run_dir != parent.parent.parent
+    if args.resume in ("latest", "auto"):
+        candidates = complete_checkpoints(run_dir)
+        if not candidates and args.resume == "latest":
+            raise UsageError(f"--resume latest: no complete checkpoint in {run_dir} (--resume auto starts a run fresh "
+                             "when it has none)")
+    elif parent is not None and not branch:  # an older checkpoint in place would overwrite the run's later work
+        later = [p.name for p in complete_checkpoints(run_dir) if checkpoint_step(p) > checkpoint_step(parent)]
+        later += ["final/"] * (final_steps(run_dir) > checkpoint_step(parent))
+        if later:
+            raise UsageError(f"--resume {parent}: run {run_dir.name} went on past it ({', '.join(later)}); resuming "
+                             f"it in place would overwrite them. Branch it into a new run: --resume {parent} "
+                             f"--run-name NEW (or continue the newest: --resume latest --run-name {run_dir.name})")
+        candidates = [parent]
+    else:
+        candidates = [parent] if branch else []
+    if holds_a_run(run_dir) and (branch or not args.resume or not candidates and (run_dir / "final").is_dir()):
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume auto --run-name {run_dir.name}"
+                         ", or start a new one under another --run-name")
     changes = {}
     if candidates:
-        done = checkpoint_step(candidates[0]) if candidates[0].name[len("checkpoint-"):].isdigit() else 0
-        if args.steps <= done:
-            raise UsageError(f"--steps {args.steps}: the run has done {done} steps already; pass --steps > {done} to "
-                             "train on")
-        changes = changed_flags(run_dir, args)
-    return run_dir, candidates, changes
+        args, changes = resumed_args(args, objective, parent.parent.parent if branch else run_dir, branch)
+        done = checkpoint_step(candidates[0])
+        if args.steps < done or args.steps == done and (run_dir / "final").is_dir():
+            raise UsageError(f"--steps {args.steps}: the run has done {done} steps already" + (
+                " and exported final/" if (run_dir / "final").is_dir() else "") + f"; pass --steps > {done} to "
+                "train on")
+    return types.SimpleNamespace(run_dir=run_dir, candidates=candidates, changes=changes, args=args,
+                                 parent=parent if branch else None)
+
+
+# What a resumed run may change: how fast and where it runs, how it saves and logs, the optimizer's settings and its
+# length. Anything else (the prompts, the reward, the sampler, the loss) would make it another run under the same
+# name: a branch (--resume CHECKPOINT --run-name NEW) may change them, except what its checkpoint's weights fix.
+MAY_CHANGE = ("steps", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+              "max_grad_norm", "train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
+              "max_memory_gib", "mixed_precision", "allow_tf32", "device", "sample_batch_size", "save_every",
+              "checkpoints_total_limit", "sample_every", "grid_prompts", "max_nonfinite_steps", "wandb")
+BRANCH_FIXED = ("model", "tiny", "lora_rank")
+NOT_RECORDED = ("resume", "run_name", "output_dir")  # where the run is, not what it is
+RUNS_HERE = ("device",)  # where this attempt runs: never taken from the record (auto finds this machine's)
+RECORD_EXTRAS = ("plan", "history", "objective", "parent")  # args.json beside the flags
+
+
+def resumed_args(args, objective, source, branch):
+    """A resumed run's flags: those named now (parse_args' args.given), the others from the args.json of `source`
+    (the run, or a branch's parent). -> (args, {flag: (in args.json, now)}). Refuses another objective's run, and a
+    change the run cannot take (MAY_CHANGE; a branch: BRANCH_FIXED)."""
+    try:
+        record = json.loads(Path(source, "args.json").read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        warnings.warn(f"{source} has no args.json (a checkpoint copied without its run): the flags given now are "
+                      "taken as the run's")
+        return args, {}
+    except (OSError, ValueError) as e:
+        if branch:
+            warnings.warn(f"{source}/args.json is unreadable ({e}): the flags given now are taken as the branch's")
+            return args, {}
+        raise UsageError(f"{source}/args.json is damaged ({e}): without it a resume cannot keep the run's settings; "
+                         "restore it, or branch with every flag named: --resume CHECKPOINT --run-name NEW") from None
+    kind = getattr(getattr(objective, "update", None), "__name__", "grpo_step")
+    foreign = sorted(set(record) - set(dataclasses.asdict(args)) - set(RECORD_EXTRAS))
+    if record.get("objective", "grpo_step") != kind or foreign:
+        raise UsageError(f"run {source.name} was trained by {record.get('objective', 'another program')}"
+                         + (f" (its flags {', '.join(foreign[:3])} are not this program's)" if foreign else "")
+                         + f", not {kind}: resume it with the program that made it")
+    given = getattr(args, "given", None)
+    if given is not None:  # made by parse_args: what was not named is the run's own
+        skip = NOT_RECORDED + RUNS_HERE + (("model", "reward_model", "reward_pretrained", "reward_checkpoint")
+                                           if record.get("tiny") else ())
+        own = {f.name: record[f.name] for f in dataclasses.fields(args)
+               if f.name in record and f.name not in given and f.name not in skip}
+        args = dataclasses.replace(args, **own)
+        args.given = given
+    now = run_record(args)
+    changes = {k: (record.get(k), v) for k, v in now.items() if k not in NOT_RECORDED and record.get(k, v) != v
+               and (k not in RUNS_HERE or given is None or k in given)}
+    fixed = [k for k in changes if k in BRANCH_FIXED or not branch and k not in MAY_CHANGE]
+    if fixed:
+        k, (before, value) = fixed[0], changes[fixed[0]]
+        raise UsageError(f"--{k.replace('_', '-')} {value}: run {source.name} was made with {before}, and a resumed "
+                         "run keeps its recipe" + ("" if k in BRANCH_FIXED else "; to change it, branch from a "
+                                                   "checkpoint: --resume CHECKPOINT --run-name NEW"))
+    return args, changes
 
 
 def previous_plan(run_dir):
@@ -1443,32 +1605,12 @@ def previous_plan(run_dir):
         return json.loads(Path(run_dir, "args.json").read_text()).get("plan")
 
 
-def changed_flags(run_dir, args):
-    """{flag: (in the run's args.json, now)} for a resumed run; refuses a change to one of IMMUTABLE."""
-    try:
-        before = json.loads(Path(run_dir, "args.json").read_text())
-    except (OSError, ValueError):
-        return {}  # no readable record (a checkpoint copied without its run): nothing to compare with
-    now = run_record(args)
-    skip = ("resume", "run_name", "output_dir", "history")
-    changes = {k: (before.get(k), v) for k, v in now.items() if k not in skip and before.get(k, v) != v}
-    fixed = [k for k in changes if k in IMMUTABLE]
-    if fixed:
-        k = fixed[0]
-        raise UsageError(f"--{k.replace('_', '-')} {changes[k][1]}: the run {run_dir.name} was started with "
-                         f"{changes[k][0]} and cannot change it mid-run; start a new run under another --run-name")
-    return changes
-
-
-def lock_run(run_dir, check_only=False):
+def lock_run(run_dir):
     """The run's lock: run.lock, held with flock for the life of the process. The kernel drops it when the process
-    dies, so the lock of a killed run is taken over. check_only: refuse if it is held, write nothing. Else take it
-    -> (the open lock file, kept for the life of the run; the line of a dead holder it took over, or '')."""
+    dies, so the lock of a killed run is taken over; a live one's is refused. -> (the open lock file, kept for the
+    life of the run; the line of a dead holder it took over, or '')."""
     import fcntl
-    path = Path(run_dir, RUN_LOCK)
-    if check_only and not path.exists():
-        return None, ""
-    f = open(path, "r" if check_only else "a+")
+    f = open(Path(run_dir, RUN_LOCK), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1479,9 +1621,6 @@ def lock_run(run_dir, check_only=False):
                          "other: wait for it to end, or stop it") from None
     f.seek(0)
     previous = f.read().strip()
-    if check_only:
-        f.close()
-        return None, previous
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -1511,7 +1650,9 @@ def resume_newest(candidates, policy, opt, generator, args, rank=0):
         except UsageError as e:
             if i + 1 == len(candidates) or isinstance(e, CheckpointMismatch):
                 raise
-            warnings.warn(f"{e}; trying the next newest checkpoint")
+            warnings.warn(f"{e}; kept aside as {path.name}.corrupt, trying the next newest checkpoint")
+            if rank == 0:  # out of the way of this run's own save of that step, and never a candidate again
+                os.replace(path, path.with_name(path.name + ".corrupt"))
             continue
         for group in opt.optimizer.param_groups:  # load_state_dict brought back the old run's values
             group.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
@@ -1591,22 +1732,69 @@ def metrics_up_to(metrics_path, step):
     return "".join(r + "\n" for r in rows)
 
 
-def open_run_dir(run_dir, args, start, changes, plan=None):
-    """Write the run's args.json: the flags as they are now, the memory plan made of them on this device, and under
-    "history" every resume with the flags it changed and the plan it ran (metrics.jsonl keeps only the rows up to
-    `start`; a fresh start clears a dead attempt's rows)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def open_run_dir(run_dir, args, start, changes, plan=None, objective=None, parent=None):
+    """Write the run's args.json: the flags as they are now, the memory plan made of them on this device, the
+    objective, a branch's parent checkpoint, and under "history" every resume with the flags it changed and the plan
+    it ran. metrics.jsonl keeps only the rows up to `start` (a branch: its parent's); a fresh start clears a dead
+    attempt's rows."""
+    source = parent.parent.parent if parent else run_dir
     record, old = run_record(args), {}
-    with contextlib.suppress(OSError, ValueError):
-        old = json.loads((run_dir / "args.json").read_text()) if start else {}
-    record["plan"] = plan
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        old = dict(json.loads((source / "args.json").read_text())) if start else {}
+    record.update(objective=objective_name(objective), plan=plan)
+    if parent or old.get("parent"):
+        record["parent"] = dict(run=str(source), checkpoint=str(parent), step=start) if parent else old["parent"]
     record["history"] = old.get("history", []) + ([dict(resumed_at_step=start, changed=changes, plan=plan)]
                                                   if start else [])
     (run_dir / "args.json").write_text(json.dumps(record, indent=2))
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():  # drop rows logged after the checkpoint we resume from
-        metrics.write_text(metrics_up_to(metrics, start) if start else "")
+    if (source / "metrics.jsonl").exists():  # drop rows logged after the checkpoint we resume from
+        (run_dir / "metrics.jsonl").write_text(metrics_up_to(source / "metrics.jsonl", start) if start else "")
     return run_dir
+
+
+def final_steps(run_dir):
+    """The steps of a run's exported final/ (its training.json; the newest checkpoint's for a final/ from before it),
+    0 without one."""
+    if not Path(run_dir, "final").is_dir():
+        return 0
+    try:
+        return int(json.loads(Path(run_dir, "final", "training.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return max(map(checkpoint_step, complete_checkpoints(run_dir)), default=0)
+
+
+def objective_name(objective):
+    """The name args.json records a run's objective by: its update function's (grpo_step, fork_dpo's dpo_step)."""
+    return getattr(getattr(objective, "update", None), "__name__", "grpo_step")
+
+
+def resume_advice(args, run_dir):
+    """The command line that continues a stopped run, whether or not it has a checkpoint yet."""
+    out = "" if Path(args.output_dir) == Path("runs") else f" --output-dir {args.output_dir}"
+    return f"--resume auto --run-name {run_dir.name}{out}"
+
+
+def export_final(run, stop):
+    """final/: the trained weights a stock pipeline loads (export_for_diffusers) and training.json (the run, its steps,
+    the base model). Written as final.tmp and renamed, so a final/ is always whole; the final/ of an earlier, shorter
+    run under this name (trained on since) is kept as final-<its steps>, never overwritten."""
+    stop.phase = "export"
+    final = run.run_dir / "final"
+    tmp = final.with_name("final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_for_diffusers(tmp, run.policy.unet, run.args.lora_rank > 0)
+    record = run_record(run.args)
+    (tmp / "training.json").write_text(json.dumps(dict(run=run.run_dir.name, steps=run.args.steps,
+                                                       model=record["model"], lora_rank=run.args.lora_rank), indent=2))
+    if final.exists():
+        try:
+            kept = final.with_name(f"final-{int(json.loads((final / 'training.json').read_text())['steps']):06d}")
+        except (OSError, ValueError, KeyError, TypeError):  # a final/ from before training.json
+            kept = final.with_name(f"final-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(final, kept)
+        run.say(f"the earlier final/ is kept as {kept.name}")
+    os.replace(tmp, final)
+    readable_like_the_rest(final)
 
 
 # --- the hub, torchrun, clocks and signals ----------------------------------------------------------------------------
@@ -1667,65 +1855,74 @@ def clock(device):
 
 
 class Preempted(Exception):
-    """SIGTERM / SIGUSR1 before the step's first optimizer update: the step is abandoned (train() saves the steps
-    done, and resume replays this one exactly)."""
+    """A signal (Ctrl-C, SIGTERM, SIGUSR1) on a single process or on torchrun's rank 0: whatever was running is
+    abandoned at once, and train() saves the steps done (save_preempted)."""
 
 
 @contextlib.contextmanager
-def stop_signals(say, opt):
-    """Ctrl-C and preemption, while the loop runs. Yields `stop`: .signal (None, "Ctrl-C", "SIGTERM" or "SIGUSR1"),
-    and .step / .step_start (the step in progress and the generator's state when it began), set by train().
+def stop_signals(rank=0):
+    """The preemption policy, for the whole of train(). Yields `stop`: .signal (None, "Ctrl-C", "SIGTERM" or
+    "SIGUSR1"), .phase ("setup", "training", "done"), .advice (the command that continues the run), and what a signal
+    saves: .step (the steps done when the step in progress began), .generators (every process's generator state
+    then), .moved (whether a weight has moved since) and .snapshot (keep_steps_done's copy of the steps done).
 
-    Ctrl-C: the first finishes the step, saves a checkpoint and stops (exit 130); a second stops at once.
-    SIGTERM / SIGUSR1 (SLURM, Kubernetes and spot instances send it, then SIGKILL after a grace period, often
-    30 s, far less than a step): before the step's first optimizer update the weights and Adam's moments are still
-    those of the steps done, so the step is abandoned at once (Preempted) and train() saves them with the generator
-    as it was when the step began: resume replays the step exactly. Once an update has been made (halfway through
-    a default step, which makes two) the step is finished first. A torchrun job always finishes the step, its
-    processes agreeing at its end (one raising mid-collective would hang the others)."""
-    stop = types.SimpleNamespace(signal=None, step=0, step_start=None)
+    SLURM, Kubernetes and spot instances send SIGTERM (or SIGUSR1, SLURM's --signal), then SIGKILL after a grace
+    period, often 30 s, far less than a default step. So a signal abandons whatever runs at once, at any moment of a
+    step (sampling, an update, the grid, a save) or of the export, and train() saves the steps done as they were when
+    the step began: resume replays the abandoned step exactly. A preemption loses the step in progress and nothing
+    more, as long as its grace period covers one checkpoint write. Ctrl-C does the same (exit 130); a second Ctrl-C
+    stops the save at once (the save is atomic: the previous checkpoint stays). During setup (models loading) there is
+    nothing new to save. Under torchrun only rank 0 stops at once: it needs nothing from the others (start_step
+    gathered their generator states), which carry on until it is gone (a process leaving a collective would leave rank
+    0 waiting in it); a signal that reached only the others stops every process at the end of the step."""
+    stop = types.SimpleNamespace(signal=None, phase="setup", advice="--resume auto", step=0, generators=None,
+                                 moved=False, snapshot=None)
 
-    def on_ctrl_c(signum, frame):
-        if stop.signal:
-            raise KeyboardInterrupt
-        stop.signal = "Ctrl-C"
-        say("Ctrl-C: finishing this step, then a checkpoint (press again to stop at once)")
-
-    def on_preemption(signum, frame):
-        name = signal.Signals(signum).name
-        if stop.step_start is not None and not opt.weights_moved and opt.world == 1:
-            raise Preempted(name)
-        if not stop.signal:
-            say(f"{name}: this step's updates have begun; finishing the step, then a checkpoint")
-        stop.signal = stop.signal or name
-    handlers = {signal.SIGINT: on_ctrl_c, signal.SIGTERM: on_preemption, signal.SIGUSR1: on_preemption}
-    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    def on_signal(signum, frame):
+        if stop.phase == "done":  # the run is finished and saved: nothing left to lose
+            return
+        if stop.signal:  # a second signal: Ctrl-C stops at once, SIGTERM / SIGUSR1 let the save finish
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        stop.signal = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if rank == 0:
+            raise Preempted(stop.signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield stop
+    except Preempted as e:  # during setup: no step of this attempt began
+        raise RunInterrupted(interrupt_code(str(e)), f"{e} while setting up, before this attempt's first step: nothing "
+                                                     f"new to save; continue with {stop.advice}") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def save_preempted(run, stop, name, keep):
-    """After Preempted: the generator back to the step's start, the half-accumulated gradients dropped, a checkpoint
-    of the steps done (unless the newest one is it) -> RunInterrupted(EXIT_PREEMPTED). Further signals are ignored
-    while it saves (the save is atomic: a SIGKILL during it leaves the previous checkpoint)."""
-    t = time.time()
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        run.gen.set_state(stop.step_start)
-        run.opt.optimizer.zero_grad(set_to_none=True)
-        saved = complete_checkpoints(run.run_dir)
-        if stop.step and (not saved or checkpoint_step(saved[0]) < stop.step):
-            save_checkpoint(run.run_dir, stop.step, run.policy, run.opt, run.gen, run.rank, keep)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    where = (f"the checkpoint of the {stop.step} steps done is saved ({time.time() - t:.0f} s)" if stop.step else
-             "no step was done yet, nothing to save")
-    raise RunInterrupted(EXIT_PREEMPTED, f"{name} during step {stop.step + 1}, before its first update: {where}; "
-                                         "continue with --resume latest (exact)")
+def interrupt_code(signal_name):
+    """The exit code of a run stopped by a signal: 130 for Ctrl-C (as shells report it), EXIT_PREEMPTED otherwise."""
+    return 130 if signal_name == "Ctrl-C" else EXIT_PREEMPTED
+
+
+def save_preempted(run, stop, name):
+    """After Preempted: the steps done when the step in progress began, saved unless a checkpoint this run wrote or
+    resumed from holds them (or more) -> RunInterrupted, its line saying exactly what is on disk."""
+    t, done = time.time(), stop.step
+    if run.saved_step < done:
+        if stop.moved:  # an update has begun: the copy from before it
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)  # its device-to-host copies are asynchronous
+            weights, optimizer_state = stop.snapshot
+        else:
+            weights, optimizer_state = trainable_state(run.policy.unet), run.opt.optimizer.state_dict()
+        save_checkpoint(run.run_dir, done, weights, optimizer_state, stop.generators, run.args.checkpoints_total_limit)
+        run.saved_step = done
+        saved = f"checkpoint {done} saved ({time.time() - t:.0f} s)"
+    else:
+        saved = f"checkpoint {run.saved_step} was already saved" if run.saved_step else "no step done, nothing to save"
+    where = "during the export of final/" if stop.phase == "export" else f"during step {stop.step + 1}"
+    raise RunInterrupted(interrupt_code(name), f"{name} {where}: {saved}; continue with {stop.advice}" + (
+        " (it exports final/ without training again)" if stop.phase == "export" else " (exact)"))
 
 
 def agree_to_stop(signal_name, device, world):
@@ -1738,11 +1935,12 @@ def agree_to_stop(signal_name, device, world):
 
 
 def on_rank_0(fn, *args, rank=0, world=1):
-    """fn(*args) on rank 0, its result (or its UsageError) sent to every process of a torchrun job."""
-    out = None
+    """fn(*args) -> (shared, own) on rank 0: `shared` (or fn's UsageError) is sent to every process of a torchrun
+    job, `own` (the run's lock) stays on rank 0 (None elsewhere). -> (shared, own)."""
+    out, own = None, None
     if rank == 0:
         try:
-            out = fn(*args)
+            out, own = fn(*args)
         except UsageError as e:
             out = e
     if world > 1:
@@ -1751,7 +1949,7 @@ def on_rank_0(fn, *args, rank=0, world=1):
         out = box[0]
     if isinstance(out, UsageError):
         raise out
-    return out
+    return out, own
 
 
 # --- the command line: flags, their checks, exit codes ----------------------------------------------------------------
@@ -1787,9 +1985,15 @@ def parse_args(argv=None, args_class=Args):
         else:
             kind = {"int": int, "float": float, "str": str, typing.Union[int, str]: int_or_auto}.get(f.type, f.type)
             group.add_argument(name, type=kind, default=f.default, **meta)
-    if "--tiny" in (sys.argv[1:] if argv is None else argv):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--tiny" in argv:
         parser.set_defaults(**TINY_DEFAULTS)
-    return args_class(**vars(parser.parse_args(argv)))
+    args = args_class(**vars(parser.parse_args(argv)))
+    # The flags named on the command line (no prefixes: allow_abbrev is off): a resumed run takes the others from its
+    # own args.json, so a resume never changes a setting the user did not name (resumed_args).
+    named = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    args.given = frozenset(n[3:] if n.startswith("no_") and n not in vars(args) else n for n in named)
+    return args
 
 
 def int_or_auto(text):
@@ -1921,8 +2125,8 @@ def main(argv=None, args_class=Args, objective=GRPO):
         sys.exit(e.code)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("interrupted at once (second Ctrl-C): the newest checkpoint is intact; continue with --resume latest",
-              file=sys.stderr)
+        print("interrupted at once (second Ctrl-C): the newest checkpoint is intact; continue with --resume auto "
+              "--run-name NAME", file=sys.stderr)
         sys.exit(130)
 
 

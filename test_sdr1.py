@@ -719,18 +719,21 @@ def test_a_custom_reward_never_loads_the_reward_encoder(tmp_path, real_format, m
 
 
 def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    """The first Ctrl-C abandons the step and saves the steps done; a second one, during that save, stops at once:
+    a checkpoint folder under its final name is still always whole."""
     proc = subprocess.Popen([sys.executable, str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "200",
-                             "--output-dir", str(tmp_path)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                             "--output-dir", str(tmp_path), "--run-name", "c"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob("*/metrics.jsonl")) and time.time() < deadline:  # a step done: the handler is in
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert "finishing this step" in out  # the first press was heard by our handler
-    assert proc.returncode == 130 and "Traceback" not in err and "--resume latest" in err.splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err and "--resume auto --run-name c" in err.splitlines()[-1]
+    for ckpt in sd.complete_checkpoints(tmp_path / "c"):
+        assert {p.name for p in ckpt.iterdir()} == {"weights.safetensors", "state.pt"}
 
 
 @pytest.mark.quick
@@ -1272,7 +1275,7 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path, capsys):
     run_dir = sd.train(small_args(tmp_path, "--steps", "1", "--save-every", "1"), reward_fn=brightness)
     ckpt = run_dir / "checkpoints/checkpoint-000001"
     assert run_main(tmp_path / "x", *SMALL, "--lora-rank", "4", "--resume", str(ckpt)) == 2  # full vs LoRA
-    assert "--lora-rank 4: the run" in capsys.readouterr().err  # refused from args.json, before any model loads
+    assert "--lora-rank 4: run " in capsys.readouterr().err  # refused from args.json, before any model loads
     (run_dir / "args.json").unlink()  # a checkpoint copied without its run's record: the weights tell
     assert run_main(tmp_path / "x", *SMALL, "--lora-rank", "4", "--resume", str(ckpt)) == 2
     err = capsys.readouterr().err
@@ -1688,8 +1691,9 @@ def test_resume_latest_continues_the_named_run_by_step_and_refuses_to_guess(tmp_
     os.utime(a / "checkpoints/checkpoint-000001")  # the older checkpoint now has the newer file time (a copy)
     with pytest.raises(sd.UsageError, match="2 runs under .* have checkpoints: A, B"):
         sd.plan_run(small_args(tmp_path, "--steps", "4", "--resume", "latest"))
-    run_dir, candidates, _ = sd.plan_run(small_args(tmp_path, "--steps", "4", "--resume", "latest", "--run-name", "A"))
-    assert run_dir == a and [p.name for p in candidates] == ["checkpoint-000002", "checkpoint-000001"]
+    claim, lock = sd.plan_run(small_args(tmp_path, "--steps", "4", "--resume", "latest", "--run-name", "A"))
+    sd.release_lock(lock[0])
+    assert claim.run_dir == a and [p.name for p in claim.candidates] == ["checkpoint-000002", "checkpoint-000001"]
     assert quick_run(tmp_path, "A", 3, "--resume", "latest") == a
     assert [r["step"] for r in metrics(a)] == [1, 2, 3] and (b / "args.json").read_text() == b_record
     with pytest.raises(sd.UsageError, match="has done 3 steps already"):  # not "step 6 of 4"
@@ -1698,7 +1702,7 @@ def test_resume_latest_continues_the_named_run_by_step_and_refuses_to_guess(tmp_
 
 def test_a_run_folder_is_never_overwritten_and_run_name_is_one_folder(tmp_path):
     quick_run(tmp_path, "A", 1)
-    with pytest.raises(sd.UsageError, match="already holds a run: continue it with --resume latest --run-name A"):
+    with pytest.raises(sd.UsageError, match="already holds a run: continue it with --resume auto --run-name A"):
         quick_run(tmp_path, "A", 1)
     for bad in ("..", "x/y", "."):
         with pytest.raises(sd.UsageError, match="one folder name"):
@@ -1732,9 +1736,77 @@ def test_a_new_learning_rate_takes_effect_on_resume_and_is_logged_and_a_group_si
     assert [{k: h[k] for k in ("resumed_at_step", "changed")} for h in history] == [
         dict(resumed_at_step=2, changed=dict(steps=[2, 3], learning_rate=[2e-3, 1e-4]))]
     assert same.name == "A"
-    with pytest.raises(sd.UsageError, match="--group-size 8: the run A was started with 4 and cannot change"):
-        quick_run(tmp_path, "A", 4, "--resume", "latest", "--group-size", "8", "--sample-batch-size", "16",
-                  "--train-batch-size", "8")
+
+
+def test_an_older_checkpoint_is_a_branch_never_an_overwrite_and_training_on_keeps_the_earlier_final(tmp_path):
+    """--resume <older checkpoint> on a finished run silently overwrote final/ and the later checkpoints. In place it
+    is refused; under a new --run-name it is a branch that names its parent and continues exactly. A finished run
+    trained on keeps its earlier final/."""
+    a = quick_run(tmp_path, "A", 4)
+    before = {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file() and p.name != "run.lock"}
+    older = str(a / "checkpoints/checkpoint-000002")
+    with pytest.raises(sd.UsageError, match="went on past it \\(checkpoint-000004, checkpoint-000003, final/\\).*"
+                                            "--run-name NEW"):
+        quick_run(tmp_path, "A", 4, "--resume", older)
+    assert before == {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file() and p.name != "run.lock"}
+    b = sd.train(small_args(tmp_path, "--resume", older, "--run-name", "B", "--save-every", "1"),
+                 reward_fn=brightness)  # --steps 4 and the rest: the parent's
+    record = json.loads((b / "args.json").read_text())
+    assert record["parent"] == dict(run=str(a), checkpoint=older, step=2) and record["steps"] == 4
+    assert [r["step"] for r in metrics(b)] == [1, 2, 3, 4] and metrics(b)[:2] == metrics(a)[:2]
+    assert all(torch.equal(x, y) for x, y in zip(trainable(a, 4).values(), trainable(b, 4).values()))
+    with pytest.raises(sd.UsageError, match="B already holds a run"):  # a branch is a new run: it overwrites none
+        quick_run(tmp_path, "B", 5, "--resume", older)
+    quick_run(tmp_path, "A", 5, "--resume", "auto")  # trained on: the earlier final/ stays, under its steps
+    assert json.loads((a / "final/training.json").read_text())["steps"] == 5
+    assert (a / "final-000004/unet/diffusion_pytorch_model.safetensors").read_bytes() == before[
+        Path("final/unet/diffusion_pytorch_model.safetensors")]
+
+
+def test_the_run_folder_is_claimed_before_the_models_load(tmp_path):
+    """The folder was checked before the models loaded and locked after: a second process that was slow to load
+    overwrote a run that finished meanwhile. Now the check is made holding the lock, taken before anything loads."""
+    args = small_args(tmp_path, "--run-name", "R", "--steps", "1")
+    claim, lock = sd.plan_run(args)  # the first process, still loading its models
+    with pytest.raises(sd.UsageError, match="runs/R is in use \\(pid"):
+        sd.plan_run(args)  # the second one is refused before it loads anything
+    sd.release_lock(lock[0])
+    (claim.run_dir / "args.json").write_text("{}")  # the first one finished its run
+    with pytest.raises(sd.UsageError, match="already holds a run"):
+        sd.plan_run(args)
+    with pytest.raises(sd.UsageError, match="no complete checkpoint"):  # a refusal leaves no folder behind
+        sd.plan_run(small_args(tmp_path / "new", "--run-name", "X", "--resume", "latest"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_resume_keeps_every_setting_not_named_and_refuses_a_recipe_change(tmp_path):
+    """Following the tool's own advice (--resume auto --run-name X, no other flag) reset every flag to its default:
+    the next save deleted checkpoints the user chose to keep. Recipe flags changed silently; a damaged args.json
+    turned the check off; the DPO fork resumed a GRPO run (and GRPO a DPO run) without a word."""
+    run_dir = quick_run(tmp_path, "A", 2, "--checkpoints-total-limit", "0", "--learning-rate", "1e-3",
+                        "--alpha", "0.7")
+    args = sd.parse_args(["--output-dir", str(tmp_path / "runs"), "--run-name", "A", "--resume", "auto",
+                          "--steps", "3"])  # not even --tiny: the run's own record says it
+    sd.train(args, reward_fn=brightness)
+    assert [p.name for p in sd.complete_checkpoints(run_dir)] == [f"checkpoint-00000{i}" for i in (3, 2, 1)]
+    record = json.loads((run_dir / "args.json").read_text())
+    assert record["history"][-1]["changed"] == dict(steps=[2, 3]) and record["learning_rate"] == 1e-3
+    assert record["tiny"] and record["alpha"] == 0.7 and record["objective"] == "grpo_step"
+    for flag, value in [("--group-size", "8"), ("--alpha", "0.5"), ("--sde-window", "1"), ("--share-noise", None),
+                        ("--timestep-fraction", "0.5"), ("--negative-prompts", str(HERE / "prompts/grid_prompts.txt"))]:
+        with pytest.raises(sd.UsageError, match=f"{flag} .*run A was made with .*keeps its recipe.*--run-name NEW"):
+            quick_run(tmp_path, "A", 4, "--resume", "auto", flag, *([value] if value else []))
+    with pytest.raises(sd.UsageError, match="run A was trained by grpo_step, not dpo_step"):
+        sd.train(sd.parse_args(SMALL + ["--output-dir", str(tmp_path / "runs"), "--run-name", "A", "--resume", "auto",
+                                        "--steps", "4"], fork_dpo.DPOArgs), fork_dpo.DPO)
+    dpo = sd.train(sd.parse_args(SMALL + ["--output-dir", str(tmp_path / "runs"), "--run-name", "D", "--steps", "1",
+                                          "--save-every", "1"], fork_dpo.DPOArgs), fork_dpo.DPO)
+    with pytest.raises(sd.UsageError, match="run D was trained by dpo_step .*beta_dpo.*, not grpo_step"):
+        quick_run(tmp_path, "D", 2, "--resume", "auto")
+    (run_dir / "args.json").write_text('{"steps": 3, "lear')
+    with pytest.raises(sd.UsageError, match="args.json is damaged .*restore it, or branch"):
+        quick_run(tmp_path, "A", 4, "--resume", "auto")
+    assert dpo.name == "D" and not (run_dir / "run.lock").read_text()  # every refusal let go of the run
 
 
 SCRIPT = ("import sys, safediffusion_r1 as sd\n"
@@ -1766,7 +1838,7 @@ def test_sigterm_mid_run_saves_a_checkpoint_and_resume_is_bit_exact(tmp_path):
     wait_for_rows(run_dir, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == sd.EXIT_PREEMPTED and "Traceback" not in err and "--resume latest" in err
+    assert proc.returncode == sd.EXIT_PREEMPTED and "Traceback" not in err and "--resume auto --run-name pre" in err
     (ckpt,) = sd.complete_checkpoints(run_dir)  # --save-every 1000: the only checkpoint is the preemption's
     assert 2 <= sd.checkpoint_step(ckpt) < 8 and not (run_dir / "final").exists()
     resumed = sd.train(sd.parse_args(argv + ["--resume", "latest", "--save-every", "1"]), reward_fn=brightness)
@@ -1775,6 +1847,75 @@ def test_sigterm_mid_run_saves_a_checkpoint_and_resume_is_bit_exact(tmp_path):
     a, b = trainable(resumed, 8), trainable(straight, 8)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in metrics(resumed)] == list(range(1, 9))
+
+
+def signal_at(monkeypatch, name, when):
+    """Make sd.<name> send this process SIGTERM when when(*its args) holds, as a scheduler would at that moment."""
+    original = getattr(sd, name)
+
+    def wrapped(*a, **k):
+        if when(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **k)
+    monkeypatch.setattr(sd, name, wrapped)
+
+
+@pytest.mark.parametrize("moment", ["update", "grid", "save", "export"])
+def test_a_signal_at_any_moment_saves_the_steps_done_and_claims_only_what_it_saved(tmp_path, monkeypatch, moment):
+    """A SIGTERM after the step's save decision (the grid, the save itself) or during an update claimed a checkpoint
+    it never wrote, or saved weights that one update had already moved. Now any moment of a step saves the steps done
+    when it began, the line says which checkpoint is on disk, and resume replays the rest exactly; a signal during the
+    export leaves no half final/, and --resume auto exports it without training again."""
+    calls = []
+    if moment == "update":  # step 3's first optimizer step has moved the weights; its second has not run
+        signal_at(monkeypatch, "optimizer_step", lambda *a, **k: calls.append(1) or len(calls) == 6)
+    elif moment == "grid":
+        signal_at(monkeypatch, "sample_grid", lambda *a: a[-1] == 3)  # its step
+    elif moment == "save":
+        signal_at(monkeypatch, "save_checkpoint", lambda run_dir, step, *a: step == 4)
+    else:
+        signal_at(monkeypatch, "export_for_diffusers", lambda *a: True)
+    argv = ["--steps", "5", "--run-name", "r", "--save-every", "2", "--sample-every", "1"]
+    with pytest.raises(sd.RunInterrupted) as e:
+        sd.train(small_args(tmp_path, *argv), reward_fn=brightness)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs/r"
+    done = dict(update=2, grid=2, save=3, export=5)[moment]
+    assert e.value.code == sd.EXIT_PREEMPTED and f"checkpoint {done} " in str(e.value), str(e.value)
+    assert sd.checkpoint_step(sd.complete_checkpoints(run_dir)[0]) == done and not (run_dir / "final").exists()
+    resumed = sd.train(small_args(tmp_path, "--run-name", "r", "--resume", "auto", "--save-every", "1"),
+                       reward_fn=brightness)
+    straight = quick_run(tmp_path, "straight", 5)
+    a, b = trainable(resumed, 5), trainable(straight, 5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4, 5]
+    weights = "final/unet/diffusion_pytorch_model.safetensors"
+    assert (resumed / weights).read_bytes() == (straight / weights).read_bytes()
+    assert not (run_dir / "final.tmp").exists()
+
+
+def test_torchrun_preemption_longer_than_the_launchers_grace_keeps_the_checkpoint(tmp_path):
+    """torchrun passes SIGTERM on and kills its processes after --shutdown-timeout (30 s by default); the trainer
+    insisted on finishing a step longer than that: no checkpoint, exit 1, a traceback. Now rank 0 saves the steps
+    done at once, needing nothing from the other process."""
+    script = tmp_path / "slow.py"
+    script.write_text("import dataclasses, sys, time\nimport safediffusion_r1 as sd\n"
+                      "def slow(images, prompts):\n    time.sleep(6)\n    return images.mean(dim=(1, 2, 3))\n"
+                      "sd.main(objective=dataclasses.replace(sd.GRPO, reward_fn=slow))\n")
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29519", "--shutdown-timeout", "3", str(script), *SMALL, "--steps", "6",
+                             "--output-dir", str(out), "--run-name", "t"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                                   "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)})
+    wait_for_rows(out / "t", 1, proc, timeout=200)
+    time.sleep(1)  # inside step 2's 6 s of reward, on both processes
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    (ckpt,) = sd.complete_checkpoints(out / "t")
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert sd.checkpoint_step(ckpt) == 1 and state["step"] == 1 and len(state["generators"]) == 2, err[-3000:]
+    assert "SIGTERM during step 2: checkpoint 1 saved" in err
 
 
 def test_a_live_runs_folder_is_locked_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
