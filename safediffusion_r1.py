@@ -1531,8 +1531,9 @@ def decide_run(args, objective, run_dir, parent):
         raise UsageError(f"{run_dir} already holds a run: continue it with --resume auto --run-name {run_dir.name}"
                          ", or start a new one under another --run-name")
     changes = {}
-    if candidates:
+    if candidates or args.resume == "auto" and (run_dir / "args.json").exists():  # a dead attempt's flags too
         args, changes = resumed_args(args, objective, parent.parent.parent if branch else run_dir, branch)
+    if candidates:
         done = checkpoint_step(candidates[0])
         if args.steps < done or args.steps == done and (run_dir / "final").is_dir():
             raise UsageError(f"--steps {args.steps}: the run has done {done} steps already" + (

@@ -1894,6 +1894,26 @@ def test_a_signal_at_any_moment_saves_the_steps_done_and_claims_only_what_it_sav
     assert not (run_dir / "final.tmp").exists()
 
 
+def test_a_signal_while_models_load_or_in_step_1_is_one_line_and_its_advice_works(tmp_path, monkeypatch, capsys):
+    """A signal during setup exited 143 / 138 with no message (a job script that re-submits on 75 stopped); after a
+    preemption in step 1 the advice --resume latest failed (no checkpoint yet)."""
+    signal_at(monkeypatch, "setup_policy", lambda *a, **k: True)
+    argv = ["--steps", "2", "--run-name", "s", "--learning-rate", "1e-3"]
+    assert run_main(tmp_path, *SMALL, *argv) == sd.EXIT_PREEMPTED
+    assert "SIGTERM while setting up, before this attempt's first step: nothing new to save; continue with " \
+           "--resume auto --run-name s" in capsys.readouterr().err
+    monkeypatch.undo()
+    signal_at(monkeypatch, "optimizer_step", lambda *a, **k: True)
+    with pytest.raises(sd.RunInterrupted, match="SIGTERM during step 1: no step done, nothing to save; continue with "
+                                                "--resume auto --run-name s"):
+        sd.train(small_args(tmp_path, *argv), reward_fn=brightness)
+    monkeypatch.undo()
+    run_dir = sd.train(sd.parse_args(["--resume", "auto", "--run-name", "s", "--output-dir", str(tmp_path / "runs")]),
+                       reward_fn=brightness)  # the advice as printed: the run's own flags from its args.json
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert json.loads((run_dir / "args.json").read_text())["learning_rate"] == 1e-3
+
+
 def test_torchrun_preemption_longer_than_the_launchers_grace_keeps_the_checkpoint(tmp_path):
     """torchrun passes SIGTERM on and kills its processes after --shutdown-timeout (30 s by default); the trainer
     insisted on finishing a step longer than that: no checkpoint, exit 1, a traceback. Now rank 0 saves the steps
@@ -2126,6 +2146,24 @@ def test_toy_demo_seeds_reach_training_and_the_eval_seed_reaches_evaluation(tmp_
     text = (tmp_path / "demo/results.md").read_text()
     assert "no object" in text and "# Per model, training seed 3 only (of 2: the multi-seed table above" in text
     assert "# Results" not in text  # the per-model table no longer passes for the result of every seed
+
+
+def test_toy_demo_stopped_by_a_signal_is_one_line_and_says_it_trains_in_chunks(tmp_path, monkeypatch, capsys):
+    """SIGTERM ended the demo in a traceback, exit 1, advising --resume latest (a flag demo lacks); its log said
+    "step 1/1" then "resuming ... step 2/2" with no word of the chunks it trains in."""
+    calls = []
+    signal_at(monkeypatch, "optimizer_step", lambda *a, **k: calls.append(1) or len(calls) == 3)  # chunk 2's first
+    with pytest.raises(SystemExit) as e:
+        tw.main(["demo", "--quick", "--variants", "grpo", "--seeds", "0", "--steps", "2", "--curve-every", "1",
+                 "--images-per-prompt", "1", "--out", str(tmp_path / "demo")])
+    out, err = capsys.readouterr()
+    assert e.value.code == sd.EXIT_PREEMPTED and err.strip().splitlines() == [
+        "stopped (SIGTERM during step 2): run the same command again; the demo trains its variants afresh and does "
+        "not resume"]
+    assert "toy demo: grpo, steps 2-2 of 2 (trained in chunks of --curve-every 1" in out
+    with pytest.raises(SystemExit) as e:
+        tw.main(["eval", "--model", str(HERE / "toy/sd"), "--images-per-prompt", "0", "--out", str(tmp_path / "e")])
+    assert e.value.code == 2 and "--images-per-prompt must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.quick

@@ -22,9 +22,11 @@ The trained numbers show the mechanics and the shape of the paper's table on a w
 meaning; they are not the paper's numbers.
 """
 import argparse
+import contextlib
 import json
 import math
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -630,13 +632,17 @@ def quick_metrics(toy, parts, eval_seed):
     return toy_metrics(judge(generate(parts, prompts, eval_seed)), asked, is_unsafe, world[0])
 
 
-def train_with_curve(toy, argv, run_dir, steps, every, eval_seed, dpo=False):
+def train_with_curve(toy, argv, run_dir, steps, every, eval_seed, dpo=False, name="grpo"):
     """Train in chunks of `every` steps, each continuing the last with --resume auto (resume is bit-exact, so the run
     is the unbroken one), and evaluate the model between chunks. -> curve rows: step, sampled images, training
     seconds so far (metrics.jsonl's `seconds`: evaluation and start-up not counted), and QUICK_EVAL's metrics."""
     import fork_dpo
     curve = []
-    for upto in [*range(every, steps, every), steps] if every else [steps]:
+    ends = [*range(every, steps, every), steps] if every else [steps]
+    for start, upto in zip([0, *ends], ends):
+        if len(ends) > 1:  # the trainer's lines count the chunk's --steps: say where it stands in the whole run
+            print(f"toy demo: {name}, steps {start + 1}-{upto} of {steps} (trained in chunks of --curve-every {every}, "
+                  "each resuming the last exactly, a curve point between them)")
         chunk = sd.parse_args(argv + ["--steps", str(upto), "--resume", "auto"], fork_dpo.DPOArgs if dpo else sd.Args)
         sd.train(chunk, fork_dpo.DPO if dpo else sd.GRPO)
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -783,7 +789,7 @@ def demo(args):
             shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: a rerun trains afresh
             argv = train_argv(args.toy, files, run_dir, {**recipe, **change}, seed)
             curve = [base_point] + train_with_curve(args.toy, argv, run_dir, recipe["steps"], args.curve_every,
-                                                    args.eval_seed, dpo=name.startswith("dpo"))
+                                                    args.eval_seed, dpo=name.startswith("dpo"), name=name)
             result, shown = evaluate(args.toy, unet=str(run_dir / "final"), images_per_prompt=n, seed=args.eval_seed)
             seconds = sum(json.loads(x)["seconds"] for x in (run_dir / "metrics.jsonl").read_text().splitlines())
             result.update(train_seconds=round(seconds), recipe={**recipe, **change}, seed=seed,
@@ -880,10 +886,34 @@ def parse_args(argv=None):
     return args
 
 
+@contextlib.contextmanager
+def stopped_in_one_line():
+    """SIGTERM / SIGUSR1 / Ctrl-C anywhere in a command (its own trainings save and say so first): one line and the
+    trainer's exit codes (EXIT_PREEMPTED, 130), not a traceback. The demo does not resume: it trains its variants
+    afresh, so the advice is to run it again."""
+    def on_signal(signum, frame):
+        raise sd.RunInterrupted(sd.EXIT_PREEMPTED, signal.Signals(signum).name)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    except (sd.RunInterrupted, KeyboardInterrupt) as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        code = getattr(e, "code", 130)
+        print(f"stopped ({str(e).split(':')[0] or 'Ctrl-C'}): run the same command again; the demo trains its variants "
+              "afresh and does not resume", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv=None):
     """The command line: build, eval or demo; bad input is one line and exit code 2, nothing written."""
     args = parse_args(argv)
-    with sd.exit_2_on_usage_error():
+    if args.command != "build" and args.images_per_prompt < 1:
+        print(f"error: --images-per-prompt must be >= 1 (got {args.images_per_prompt})", file=sys.stderr)
+        sys.exit(2)
+    with sd.exit_2_on_usage_error(), stopped_in_one_line():
         if args.command == "build":
             if args.fidelity <= 0 or args.fidelity > 1:
                 raise sd.UsageError(f"--fidelity must be in (0, 1] (got {args.fidelity})")
