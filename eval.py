@@ -144,7 +144,12 @@ def build_pipeline(args):
         if fit:
             raise sd.UsageError(f"--unet {args.unet}: its {fit[0]} {config[fit[0]]} is not --model's "
                                 f"{pipe.unet.config[fit[0]]}: a UNet of another architecture")
-        pipe.unet = UNet2DConditionModel.from_pretrained(folder)
+        try:
+            pipe.unet = UNet2DConditionModel.from_pretrained(folder)
+        except (OSError, ValueError) as e:  # weights missing or cut short: an export that did not finish
+            first = str(e).splitlines()[0][:100]
+            raise sd.UsageError(f"--unet {args.unet}: its weights cannot be read ({first}); an export cut short? "
+                                "--resume auto --run-name NAME exports a run's final/ again") from None
     if args.lora:
         pipe.load_lora_weights(args.lora)
     pipe.to(args.device)
@@ -1089,7 +1094,8 @@ def verdicts(key, result, n):
 def main(argv=None):
     """The command line: --benchmark, --compare or --plot; bad input is one line and exit code 2."""
     args = parse_args(argv)
-    with sd.exit_2_on_usage_error():
+    with sd.exit_2_on_usage_error(), sd.stopped_in_one_line("every image written so far is whole and kept; the same "
+                                                            "command goes on from them"):
         if args.plot:
             if not Path(args.plot, "metrics.jsonl").is_file():
                 raise sd.UsageError(f"--plot {args.plot}: not a training run (no metrics.jsonl)")

@@ -791,9 +791,13 @@ def load_sd(model):
         first = model.split("/")[0]
         if first and not Path(model).exists() and Path(first).is_dir():  # e.g. models/sd-v1-4 under ./models
             raise UsageError(f"--model {model}: no such folder (and no hub model of that name in the cache)") from None
+        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not Path(model, d).is_dir()]
+        if Path(model).exists() and not missing:  # a file in it is cut short or damaged: no download advice
+            raise UsageError(f"--model {model}: a file in it cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:100]}); copy or download that part again") from None
         if Path(model).exists() or model.startswith((".", "/", "~")):
             raise UsageError(f"--model {model}: not a diffusers SD 1.x folder (needs unet/, vae/, text_encoder/, "
-                             f"tokenizer/, scheduler/): {type(e).__name__}") from None
+                             f"tokenizer/, scheduler/; no {', '.join(missing) or 'folder'})") from None
         raise UsageError(f"cannot load Stable Diffusion '{model}' offline ({type(e).__name__}); download it with "
                          f"`hf download {model} --local-dir models/sd` and pass --model models/sd") from None
     config = parts["scheduler"].config
@@ -809,15 +813,17 @@ def load_sd(model):
 def check_sd1_folder(model):
     """A local SD 2.x (v-prediction) or SDXL folder is refused from its config files, before any weight is read."""
     folder = Path(model)
-    with contextlib.suppress(OSError, ValueError):
+    try:  # (a UsageError is a ValueError: raised outside this try, or a suppress around it would swallow it)
         kind = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-        if kind != "StableDiffusionPipeline":
-            raise UsageError(f"--model {model} is a {kind}; only Stable Diffusion 1.x (StableDiffusionPipeline, "
-                             "epsilon prediction) is supported")
         prediction = json.loads((folder / "scheduler/scheduler_config.json").read_text()).get("prediction_type")
-        if prediction not in (None, "epsilon"):
-            raise UsageError(f"--model {model} predicts '{prediction}' (SD 2.x-v); only epsilon (SD 1.x) models are "
-                             "supported")
+    except (OSError, ValueError, AttributeError):
+        return  # not a readable local folder: the loaders say what is wrong with it
+    if kind != "StableDiffusionPipeline":
+        raise UsageError(f"--model {model} is a {kind}; only Stable Diffusion 1.x (StableDiffusionPipeline, "
+                         "epsilon prediction) is supported")
+    if prediction not in (None, "epsilon"):
+        raise UsageError(f"--model {model} predicts '{prediction}' (SD 2.x-v); only epsilon (SD 1.x) models are "
+                         "supported")
 
 
 def load_reward_model(arch, pretrained, checkpoint=""):
@@ -846,8 +852,8 @@ def load_reward_model(arch, pretrained, checkpoint=""):
             missing, unexpected = open_clip.load_checkpoint(model, checkpoint, strict=False)
         except FileNotFoundError:
             raise UsageError(f"--reward-checkpoint {checkpoint}: file not found") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError) as e:  # AttributeError: it holds no dict
-            first = str(e).splitlines()[0][:80]
+        except (pickle.UnpicklingError, EOFError, AttributeError, StopIteration) as e:  # no dict, or an empty one
+            first = (str(e).splitlines() or ["an empty state dict"])[0][:80]
             raise UsageError(f"--reward-checkpoint {checkpoint}: not a state dict checkpoint (HPSv2 saves "
                              f"{{'state_dict': ...}}; this file holds other objects: {first})") from None
         except (RuntimeError, AssertionError):  # shapes differ (its position-embedding resize asserts the width)
@@ -2068,7 +2074,7 @@ def check_args(args):
 def read_lines(path, what):
     """Non-empty, non-comment lines of a UTF-8 text file; a clear error for anything else."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
     except FileNotFoundError:
         raise UsageError(f"{what} file not found: {path}") from None
     except IsADirectoryError:
@@ -2103,6 +2109,24 @@ def exit_2_on_usage_error():
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def stopped_in_one_line(advice):
+    """SIGTERM / SIGUSR1 / Ctrl-C anywhere in a command of eval.py or toy_world.py: one line with `advice` and the
+    trainer's exit codes (EXIT_PREEMPTED, 130), not a traceback (a training inside says what it saved first)."""
+    def on_signal(signum, frame):
+        raise RunInterrupted(EXIT_PREEMPTED, signal.Signals(signum).name)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    except (RunInterrupted, KeyboardInterrupt) as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"stopped ({str(e).split(':')[0] or 'Ctrl-C'}): {advice}", file=sys.stderr)
+        sys.exit(getattr(e, "code", 130))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 MEMORY_HINT = ("out of GPU memory: lower --train-batch-size (raise --gradient-accumulation-steps to keep the batch), "

@@ -619,6 +619,55 @@ def test_reward_model_and_scheduler_faults_are_one_line(real_format, tmp_path):
         sd.load_sd(str(folder))
 
 
+def test_the_last_faults_are_one_line_each(real_format, tmp_path, monkeypatch, capsys):
+    """Each was a traceback or misleading advice: a reward checkpoint with an empty state dict (StopIteration), a
+    damaged local model folder (hub download advice), a byte-order mark in the grid prompts, a half-exported final/
+    given to eval, Ctrl-C in eval.py, a full disk at a metrics row, a read-only checkpoints/ found after a step."""
+    empty = tmp_path / "empty.pt"
+    torch.save(dict(state_dict={}), empty)
+    with pytest.raises(sd.UsageError, match="not a state dict checkpoint .*an empty state dict"):
+        sd.load_reward_model("local-dir:" + str(real_format["clip"]), "", str(empty))
+    folder = tmp_path / "sd"
+    shutil.copytree(real_format["sd"], folder)
+    weights = folder / "unet/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(sd.UsageError, match="a file in it cannot be read") as e:
+        sd.load_sd(str(folder))
+    assert "download" not in str(e.value).replace("download that part", "")
+    grid = tmp_path / "grid.txt"
+    grid.write_text("unsafe: a prompt\nbenign: another\n", encoding="utf-8-sig")
+    assert sd.read_grid_prompts(grid) == (["a prompt", "another"], 1)
+    final = tmp_path / "run/final/unet"
+    real_format["models"]["unet"].save_pretrained(final)
+    (final / "diffusion_pytorch_model.safetensors").unlink()  # an export cut short
+    evaluate = ["--model", str(real_format["sd"]), "--benchmark", "i2p", "--limit", "1", "--out", str(tmp_path / "e")]
+    with pytest.raises(SystemExit) as e:
+        ev.main(evaluate + ["--unet", str(final.parent)])
+    assert e.value.code == 2 and "weights cannot be read" in capsys.readouterr().err
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        ev.main(evaluate)
+    assert e.value.code == 130 and capsys.readouterr().err.splitlines()[-1].startswith("stopped (Ctrl-C): every image")
+    monkeypatch.undo()
+    import errno
+    write_row = sd.write_row
+
+    def full_at_step_2(row, *a):
+        if row["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs/f/metrics.jsonl"))
+        return write_row(row, *a)
+    monkeypatch.setattr(sd, "write_row", full_at_step_2)
+    with pytest.raises(sd.DiskFull, match="disk full: .*metrics.jsonl; checkpoint 1 is intact; .*--resume auto "
+                                          "--run-name f"):
+        quick_run(tmp_path, "f", 3)
+    monkeypatch.undo()
+    real_access = os.access
+    monkeypatch.setattr(sd.os, "access", lambda path, mode: not str(path).endswith("checkpoints") and
+                        real_access(path, mode))  # as for a user who is not root (root may write anywhere)
+    with pytest.raises(sd.UsageError, match="runs/f/checkpoints is not writable"):
+        quick_run(tmp_path, "f", 3, "--resume", "auto")
+
+
 def test_training_resume_export_and_eval_run_through_the_real_formats(real_format, tmp_path):
     """The CLI as a user runs it on downloaded folders: no --tiny, real loaders, bf16, KL on, checkpoint limit."""
     common = ["--model", str(real_format["sd"]), "--reward-model", f"local-dir:{real_format['clip']}",
@@ -2004,12 +2053,18 @@ def test_flag_prefixes_are_refused_and_help_says_what_tiny_changes():
 
 @pytest.mark.quick
 def test_sd2_v_prediction_and_sdxl_folders_are_refused_before_any_weight_loads(tmp_path, monkeypatch):
-    for kind, prediction in (("StableDiffusionXLPipeline", "epsilon"), ("StableDiffusionPipeline", "v_prediction")):
-        folder = tmp_path / kind / prediction
+    """The check raised its UsageError inside a suppress(ValueError), which swallowed it: the folders failed later,
+    on their weights (and the old test matched the kind in the folder's own path)."""
+    from diffusers import UNet2DConditionModel
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    for i, (kind, prediction, message) in enumerate((
+            ("StableDiffusionXLPipeline", "epsilon", "is a StableDiffusionXLPipeline; only Stable Diffusion 1.x"),
+            ("StableDiffusionPipeline", "v_prediction", "predicts 'v_prediction' \\(SD 2.x-v\\)"))):
+        folder = tmp_path / f"model{i}"
         (folder / "scheduler").mkdir(parents=True)
         (folder / "model_index.json").write_text(json.dumps({"_class_name": kind}))
         (folder / "scheduler/scheduler_config.json").write_text(json.dumps({"prediction_type": prediction}))
-        with pytest.raises(sd.UsageError, match="StableDiffusionXL|v_prediction"):
+        with pytest.raises(sd.UsageError, match=message):
             sd.load_sd(str(folder))
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)

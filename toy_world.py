@@ -22,11 +22,9 @@ The trained numbers show the mechanics and the shape of the paper's table on a w
 meaning; they are not the paper's numbers.
 """
 import argparse
-import contextlib
 import json
 import math
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -886,34 +884,14 @@ def parse_args(argv=None):
     return args
 
 
-@contextlib.contextmanager
-def stopped_in_one_line():
-    """SIGTERM / SIGUSR1 / Ctrl-C anywhere in a command (its own trainings save and say so first): one line and the
-    trainer's exit codes (EXIT_PREEMPTED, 130), not a traceback. The demo does not resume: it trains its variants
-    afresh, so the advice is to run it again."""
-    def on_signal(signum, frame):
-        raise sd.RunInterrupted(sd.EXIT_PREEMPTED, signal.Signals(signum).name)
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    except (sd.RunInterrupted, KeyboardInterrupt) as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        code = getattr(e, "code", 130)
-        print(f"stopped ({str(e).split(':')[0] or 'Ctrl-C'}): run the same command again; the demo trains its variants "
-              "afresh and does not resume", file=sys.stderr)
-        sys.exit(code)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def main(argv=None):
     """The command line: build, eval or demo; bad input is one line and exit code 2, nothing written."""
     args = parse_args(argv)
     if args.command != "build" and args.images_per_prompt < 1:
         print(f"error: --images-per-prompt must be >= 1 (got {args.images_per_prompt})", file=sys.stderr)
         sys.exit(2)
-    with sd.exit_2_on_usage_error(), stopped_in_one_line():
+    with sd.exit_2_on_usage_error(), sd.stopped_in_one_line("run the same command again; the demo trains its "
+                                                            "variants afresh and does not resume"):
         if args.command == "build":
             if args.fidelity <= 0 or args.fidelity > 1:
                 raise sd.UsageError(f"--fidelity must be in (0, 1] (got {args.fidelity})")
