@@ -1086,7 +1086,8 @@ def setup_run(args, objective, models, stop):
                                            "cuda" if torch.cuda.is_available() else "cpu")
     # The run folder is claimed (locked) here, before any model loads: a second process on it is refused at once.
     claim, lock = on_rank_0(plan_run, args, objective, rank=rank, world=world)
-    stop.advice = resume_advice(claim.args, claim.run_dir)
+    stop.advice = resume_advice(claim.args, claim.run_dir) if (claim.run_dir / "args.json").exists() else \
+        "run the same command again"  # nothing of this run is recorded yet
     try:
         return setup_claimed(claim.args, objective, models, stop, rank, world, device, claim, lock)
     except BaseException:
@@ -1142,6 +1143,7 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
                       "they are truncated, as diffusers does")
     if rank == 0:
         open_run_dir(run_dir, asked, start, changes, plan, objective, claim.parent)
+    stop.advice = resume_advice(args, run_dir)  # its args.json now holds its flags
     took_over = lock[1] if lock else ""
     say(f"run folder: {run_dir}" + (f" | took over the lock of {took_over}: that process is gone" if took_over else "")
         + (f" | resuming from {resume} (step {start} of {args.steps})" if resume else "")
@@ -1226,19 +1228,19 @@ def run_ending(run, stop):
     try:
         yield
         stop.phase = "done"  # from here a signal is too late to lose anything: the run ends as it would
-    except Preempted as e:
-        save_preempted(run, stop, str(e))
-    except OSError as e:  # a run file (metrics row, grid, export) that cannot be written: one line, what is intact
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+    except Exception as e:
+        if stop.signal:  # Preempted, or what it became inside a library (diffusers wraps it in a failed lazy import)
+            if run.rank > 0:  # rank 0 left on the signal: the collective this process was in broke
+                raise RunInterrupted(EXIT_PREEMPTED, f"{stop.signal}: process {run.rank} stopped with process 0") \
+                    from None
+            save_preempted(run, stop, stop.signal)
+        # a run file (metrics row, grid, export) that cannot be written: one line, what is intact
+        if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
             raise
         raise DiskFull(f"{'disk full' if e.errno in (errno.ENOSPC, errno.EDQUOT) else 'cannot write'}: "
                        f"{e.filename or e.strerror}; " + (f"checkpoint {run.saved_step} is intact" if run.saved_step
                                                           else "no checkpoint yet") +
                        f"; free space or fix the folder, then continue with {stop.advice}") from None
-    except Exception:
-        if stop.signal and run.rank > 0:  # rank 0 left on the signal: the collective this process was in broke
-            raise RunInterrupted(EXIT_PREEMPTED, f"{stop.signal}: process {run.rank} stopped with process 0") from None
-        raise
     finally:
         run.bar.close()
         release_lock(run.lock)
@@ -1898,9 +1900,14 @@ def stop_signals(rank=0):
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield stop
-    except Preempted as e:  # during setup: no step of this attempt began
-        raise RunInterrupted(interrupt_code(str(e)), f"{e} while setting up, before this attempt's first step: nothing "
-                                                     f"new to save; continue with {stop.advice}") from None
+    except RunInterrupted:
+        raise
+    except Exception:  # Preempted during setup (or what a library made of it): no step of this attempt began
+        if not stop.signal:
+            raise
+        raise RunInterrupted(interrupt_code(stop.signal), f"{stop.signal} while setting up, before this attempt's "
+                                                          f"first step: nothing new to save; continue with "
+                                                          f"{stop.advice}") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -2141,6 +2148,8 @@ def main(argv=None, args_class=Args, objective=GRPO):
     try:
         with exit_2_on_usage_error():
             train(parse_args(argv, args_class), objective)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the run is done and saved: a late signal changes nothing
+            signal.signal(sig, signal.SIG_IGN)
     except (torch.cuda.OutOfMemoryError, TrainingDiverged, DiskFull) as e:
         print(f"error: {MEMORY_HINT if isinstance(e, torch.cuda.OutOfMemoryError) else e}", file=sys.stderr)
         sys.exit(1)
