@@ -643,6 +643,8 @@ def train_with_curve(toy, argv, run_dir, steps, every, eval_seed, dpo=False, nam
                   "each resuming the last exactly, a curve point between them)")
         chunk = sd.parse_args(argv + ["--steps", str(upto), "--resume", "auto"], fork_dpo.DPOArgs if dpo else sd.Args)
         sd.train(chunk, fork_dpo.DPO if dpo else sd.GRPO)
+        for earlier in run_dir.glob("final-*"):  # the last chunk's final/, which train() keeps: the demo needs none
+            shutil.rmtree(earlier)
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         if every:
             parts = load_parts(Path(toy, "sd"), unet=str(run_dir / "final"))
