@@ -109,6 +109,9 @@ class Args:
                                      "later every --sde-window-shift steps, wrapping around (MixGRPO)",
                                      choices=["first", "random", "slide"])
     sde_window_shift: int = flag(0, "with --sde-window-placement slide: training steps between two moves (N >= 1)")
+    ode_steps: int = flag(0, "with --sde-window: the deterministic steps after the window solved in K steps of "
+                          "DPM-Solver++ (2M) instead of one DDIM step each (MixGRPO-Flash), the window untouched; "
+                          "0 = every DDIM step")
     clip_range: float = flag(1e-4, "PPO clip range epsilon_clip: rho is clipped to [1 - it, 1 + it]")
     old_log_prob: str = flag("on-policy", "pi_old's log-prob in rho: on-policy = the policy's own, detached, until the "
                              "step's first weight update (rho exactly 1: it IS pi_old), then the sampler's; sampler = "
@@ -270,16 +273,37 @@ class Trajectories(typing.TypedDict, total=False):
     images: torch.Tensor         # decoded x_0 in [0, 1]             (B, 3, H, W), when a VAE is given
 
 
+def ode_tail(unet, scheduler, x_t, start, steps, prompt_embeds, negative_embeds, guidance_scale, autocast):
+    """--ode-steps: fast mode's deterministic tail solved in `steps` steps of DPM-Solver++ (2M, diffusers'
+    DPMSolverMultistepScheduler; MixGRPO-Flash, arXiv 2507.21802) instead of one DDIM step each: the probability-flow
+    ODE from x_t at DDIM step `start` (after the SDE window) to x_0. No noise, nothing scored or trained. Its timesteps
+    are `steps` of DDIM's remaining ones, evenly spaced from t_start, so its first model call sees the very x_t the
+    window produced; the solver ends at sigma 0 (diffusers' final_sigmas_type "zero"). A fresh solver per call: its
+    multistep history never reaches another batch. x_t (b, C, h, w) -> x_0 (b, C, h, w)."""
+    from diffusers import DPMSolverMultistepScheduler
+    remaining = scheduler.timesteps[start:]
+    pick = torch.linspace(0, len(remaining) - 1, min(steps, len(remaining))).round().long()
+    solver = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    solver.set_timesteps(timesteps=remaining[pick].tolist(), device=x_t.device)
+    for t in solver.timesteps:
+        with autocast():
+            eps = guided_eps(unet, x_t, t.expand(x_t.shape[0]).to(x_t.device), prompt_embeds, negative_embeds,
+                             guidance_scale)
+        x_t = solver.step(eps, t, x_t).prev_sample
+    return x_t
+
+
 @torch.no_grad()
 def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_inference_steps=50,
                         guidance_scale=5.0, eta=1.0, generator=None, latents=None, resolution=512, vae=None,
-                        autocast=contextlib.nullcontext, etas=None):
+                        autocast=contextlib.nullcontext, etas=None, ode=None):
     """Roll out B trajectories of the stochastic DDIM policy and keep what GRPO needs.
 
     prompt_embeds (B, 77, D); negative_embeds (1, 77, D). The initial noise x_T is `latents` (B, C, h, w), or drawn
     per image from `generator` (a CPU generator, so a seed gives the same run on any device).
     `etas` (T,), if given, is each step's eta: 0 makes a step deterministic DDIM (its log_prob is a placeholder 0,
-    never trained), as outside --sde-window.
+    never trained), as outside --sde-window. `ode` = (start, K): from DDIM step `start` on, the deterministic rest
+    in K DPM-Solver++ steps (ode_tail); the trajectory then holds only the steps before it (T = start).
     Returns Trajectories (without "window"), with "images" when `vae` is given.
     """
     device, b = next(unet.parameters()).device, prompt_embeds.shape[0]
@@ -289,6 +313,8 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
     x_t = latents.to(device, torch.float32)
     steps = []
     for i, t in enumerate(scheduler.timesteps):
+        if ode and i == ode[0]:
+            break
         timesteps = t.expand(b).to(device)
         with autocast():
             eps = guided_eps(unet, x_t, timesteps, prompt_embeds, negative_embeds, guidance_scale)
@@ -301,7 +327,10 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
         steps.append((x_t, step.next_latents, step.log_prob))
         x_t = step.next_latents
     out = {k: torch.stack(v, 1) for k, v in zip(("latents", "next_latents", "log_probs"), zip(*steps))}
-    out.update(final_latents=x_t, timesteps=scheduler.timesteps.expand(b, -1).clone(), prompt_embeds=prompt_embeds)
+    if ode and ode[0] < len(scheduler.timesteps):
+        x_t = ode_tail(unet, scheduler, x_t, ode[0], ode[1], prompt_embeds, negative_embeds, guidance_scale, autocast)
+    T = len(steps)
+    out.update(final_latents=x_t, timesteps=scheduler.timesteps[:T].expand(b, -1).clone(), prompt_embeds=prompt_embeds)
     if vae is not None:
         out["images"] = decode_latents(vae, x_t)
     return out
@@ -318,10 +347,11 @@ def sample_trajectories(prompts, policy, models, args, gen, step):
     shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
     noise = initial_noise(B, G if args.share_noise else 1, shape, gen)  # x_T (B, C, h, w)
     etas, window = sde_window(args, gen, step)  # None, None: every step stochastic (the default)
+    ode = (int(window[-1]) + 1, args.ode_steps) if args.ode_steps else None  # the tail after the window
     chunks = [sample_with_logprob(policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds,
                                   num_inference_steps=args.num_inference_steps, eta=args.eta, etas=etas,
                                   guidance_scale=args.guidance_scale, generator=gen, latents=noise[i:i + S],
-                                  autocast=policy.autocast) for i in range(0, B, S)]
+                                  autocast=policy.autocast, ode=ode) for i in range(0, B, S)]
     traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}  # (B, T, ...)
     return traj if window is None else dict(traj, window=window)  # the update trains only the window's steps
 
@@ -1080,7 +1110,8 @@ def setup_run(args, objective, models, stop):
     sets), grid (prompts, unsafe count), start (steps already done), saved_step (the newest checkpoint this run wrote
     or resumed from), bar (the steps left, with a progress bar), run_dir, lock, say (print on rank 0), wandb,
     bad_steps."""
-    check_args(args)
+    if not args.resume:  # a resumed run's flags are checked once they are its own (setup_claimed)
+        check_args(args)
     check_output_dir(args.output_dir)
     rank, world, device = init_distributed(args.device if args.device != "auto" else
                                            "cuda" if torch.cuda.is_available() else "cpu")
@@ -1099,7 +1130,7 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
     """setup_run once the run folder is claimed (plan_run's `claim`, its `lock`): the inputs, the models, the policy,
     resume, the plan, the run's files."""
     run_dir, changes = claim.run_dir, claim.changes
-    check_args(args)  # again: a resumed run's flags are now its own
+    check_args(args)  # a resumed run's: the flags named now with its own
     reward_fn = objective.reward_fn
     # A prompt is cut at PROMPT_CHARS characters, far past its 77 tokens: a 10 MB line was tokenized whole every
     # time it was drawn (77 s for one step). The tokenizer truncates the rest as before; the warning still counts it.
@@ -2046,6 +2077,8 @@ def check_args(args):
     slide = args.sde_window_placement == "slide"
     need(args.sde_window or args.sde_window_placement == "first" and not args.sde_window_shift,
          "--sde-window-placement and --sde-window-shift place the SDE window: they need --sde-window W")
+    need(args.ode_steps >= 0 and (args.sde_window or not args.ode_steps), f"--ode-steps {args.ode_steps}: K >= 1 "
+         "solver steps after the SDE window, so it needs --sde-window W (0 = every DDIM step)")
     need(args.sde_window_shift >= 1 if slide else args.sde_window_shift == 0, "--sde-window-shift N (N >= 1) goes "
          f"with --sde-window-placement slide, and only with it (got {args.sde_window_shift}, placement "
          f"{args.sde_window_placement})")

@@ -2176,6 +2176,7 @@ def test_toy_curve_recorder_and_time_to_target_on_a_two_step_run(tmp_path):
     assert 0 < curve[0]["train_seconds"] < curve[1]["train_seconds"]
     assert {"unsafe_rate", "content_kept", "benign_accuracy", "no_object"} <= set(curve[0])
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]  # the chunks make one run
+    assert not list(run_dir.glob("final-*"))  # no chunk's final/ left behind
     base = dict(unsafe_rate=0.6, benign_accuracy=0.9)
     good = dict(step=3, images=24, train_seconds=9.0, unsafe_rate=0.19, benign_accuracy=0.86, content_kept=0.8)
     early = dict(good, step=2, images=16, train_seconds=6.0, unsafe_rate=0.21)  # not yet a third of the base's
@@ -2427,6 +2428,56 @@ def test_resume_is_bit_exact_with_the_window_and_it_runs_with_lora_and_in_the_fo
                                "--sde-window-placement", "slide", "--sde-window-shift", "1"), reward_fn=brightness)
     assert (lora / "final/pytorch_lora_weights.safetensors").is_file()
     fork_dpo.main(SMALL + ["--steps", "1", "--output-dir", str(tmp_path / "dpo"), *window])
+
+
+@pytest.mark.quick
+def test_the_ode_tail_leaves_the_window_as_it_was_and_solves_the_rest_as_ddim_does(tiny, monkeypatch):
+    """--ode-steps K: the steps up to the window's end (its x_t, noise and log-probs: what is trained) are those of
+    today's fast mode bit for bit; the deterministic rest, solved in K DPM-Solver++ steps, lands where DDIM's 9
+    steps land, closer as K grows; the update trains the window only."""
+    args = sd.parse_args(SMALL + ["--num-inference-steps", "10", "--sde-window", "1", "--share-noise"])
+    policy, opt = sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"))
+    trained_like(policy.unet)
+    embeds = sd.encode_prompts(tiny["tokenizer"], tiny["text_encoder"], ["a red circle", "a blue square"])
+    etas, window = sd.sde_window(args, None, 0)
+
+    def sample(ode=None):
+        return sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
+                                      num_inference_steps=10, guidance_scale=3.0, resolution=64, etas=etas, ode=ode,
+                                      generator=torch.Generator().manual_seed(5))
+    ddim = sample()
+    errors = []
+    for k in (2, 4, 9):
+        fast = sample(ode=(1, k))
+        assert fast["log_probs"].shape == (2, 1) and fast["timesteps"].shape == (2, 1)  # the window, stored alone
+        for key in ("latents", "next_latents", "log_probs", "timesteps"):
+            assert torch.equal(fast[key], ddim[key][:, :1]), key
+        errors.append((fast["final_latents"] - ddim["final_latents"]).norm() / ddim["final_latents"].norm())
+    assert errors[2] < errors[0] and errors[2] < 0.05, errors  # the same ODE: DDIM is its first-order solver
+    fast = dict(sample(ode=(1, 2)), window=window)
+    calls, real = [], sd.denoise_step
+    monkeypatch.setattr(sd, "denoise_step", lambda unet, pol, a, batch: calls.append(batch[2]) or
+                        real(unet, pol, a, batch))
+    sd.grpo_update(fast, torch.linspace(-1, 1, 2), policy, opt, args, torch.Generator().manual_seed(1))
+    assert all(torch.equal(t, ddim["timesteps"][:, 0]) for t in calls)  # only the window's timestep trains
+
+
+def test_ode_steps_train_resume_exactly_run_in_the_fork_and_bad_values_are_one_line(tmp_path, capsys):
+    fast = ["--num-inference-steps", "6", "--sde-window", "1", "--share-noise", "--ode-steps", "2"]
+    a = sd.train(small_args(tmp_path / "a", "--steps", "2", "--save-every", "1", "--run-name", "r", *fast),
+                 reward_fn=brightness)
+    resume = ["--output-dir", str(tmp_path / "a/runs"), "--run-name", "r", "--resume", "auto"]  # the rest: the run's
+    sd.train(sd.parse_args(resume + ["--steps", "3"]), reward_fn=brightness)
+    b = sd.train(small_args(tmp_path / "b", "--steps", "3", "--save-every", "1", *fast), reward_fn=brightness)
+    x, y = trainable(a, 3), trainable(b, 3)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    fork_dpo.main(SMALL + ["--steps", "1", "--output-dir", str(tmp_path / "dpo"), *fast])
+    for bad, says in ((["--ode-steps", "2"], "it needs --sde-window W"),
+                      (["--sde-window", "1", "--ode-steps", "-1"], "--ode-steps -1: K >= 1")):
+        assert run_main(tmp_path, "--tiny", *bad) == 2
+        assert says in capsys.readouterr().err
+    with pytest.raises(sd.UsageError, match="--ode-steps 3: run r was made with 2"):
+        sd.train(sd.parse_args(resume + ["--steps", "4", "--ode-steps", "3"]), reward_fn=brightness)
 
 
 @pytest.mark.quick
