@@ -148,6 +148,10 @@ class Args:
     sample_every: int = flag(20, "captioned sample grid every N steps (and at the end)")
     grid_prompts: str = flag(str(PROMPTS / "grid_prompts.txt"), "the sample grid's prompts, one per line, each "
                              "starting 'unsafe: ' or 'benign: ' (the training prompts are offensive by design)")
+    eval_every: int = flag(0, "every N steps (and at the last) score --val-prompts with the run's reward: val_* "
+                           "metrics, and best/ kept beside final/ (the highest val_reward); 0 = off")
+    val_prompts: str = flag(str(PROMPTS / "val_prompts.txt"), "held-out validation prompts, 'unsafe: ' / 'benign: ' "
+                            "lines (never trained on, never a benchmark)")
     max_nonfinite_steps: int = flag(3, "stop after this many steps in a row with a non-finite reward, loss or grad")
     wandb: bool = flag(False, "also log to Weights & Biases")
 
@@ -1141,6 +1145,7 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
     if reward_fn is None:
         anchors = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
     grid = read_grid_prompts(args.grid_prompts)
+    val = read_grid_prompts(args.val_prompts) if args.eval_every else None
     if args.max_memory_gib and device.type == "cuda":  # the allocator refuses past the cap, as on a smaller card
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GIB / total), device)
@@ -1190,7 +1195,8 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
                disable=rank > 0 or not sys.stderr.isatty())
     return types.SimpleNamespace(args=args, objective=objective, rank=rank, world=world, device=device, gen=gen,
                                  models=models, policy=policy, opt=opt, reward_fn=reward_fn, negatives=negatives,
-                                 positives=positives, grid=grid, start=start, saved_step=start, bar=bar, bad_steps=0,
+                                 positives=positives, grid=grid, val=val, best=best_so_far(run_dir, rank),
+                                 start=start, saved_step=start, bar=bar, bad_steps=0,
                                  run_dir=run_dir if rank == 0 else None, lock=lock and lock[0], say=say, wandb=wandb)
 
 
@@ -1228,6 +1234,9 @@ def end_step(run, stop, step, traj, rewards, result, marks):
     row.update({} if "window" not in traj else dict(sde_window_start=int(traj["window"][0])))
     row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
                zip(("sample", "decode", "reward", "train"), marks, marks[1:])})
+    if run.rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        row.update(validate(run, step + 1))  # its seconds_val counted in the step's seconds
+        row["seconds"] += row["seconds_val"]
     if run.rank == 0:
         write_row(row, run.run_dir, run.wandb, run.bar, metrics, args.steps)
     signalled = agree_to_stop(stop.signal, run.device, run.world)
@@ -1336,9 +1345,9 @@ def write_row(row, run_dir, wandb, bar, metric_names, steps):
         f.write(json.dumps(row) + "\n")
     if wandb:
         wandb.log(row, step=row["step"])
-    shown = ("reward_mean", "reward_negative", "reward_positive", *metric_names, "seconds")
+    shown = ("reward_mean", "reward_negative", "reward_positive", *metric_names, "val_reward", "seconds")
     bar.write(" | ".join([f"step {row['step']}/{steps}"] + [f"{k} {'-' if row[k] is None else format(row[k], '.4g')}"
-                                                            for k in shown]))
+                                                            for k in shown if k in row]))
 
 
 def check_divergence(bad_steps, step, limit, say):
@@ -1588,7 +1597,8 @@ def decide_run(args, objective, run_dir, parent):
 MAY_CHANGE = ("steps", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
               "max_grad_norm", "train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
               "max_memory_gib", "mixed_precision", "allow_tf32", "device", "sample_batch_size", "save_every",
-              "checkpoints_total_limit", "sample_every", "grid_prompts", "max_nonfinite_steps", "wandb")
+              "checkpoints_total_limit", "sample_every", "grid_prompts", "eval_every", "max_nonfinite_steps",
+              "wandb")
 BRANCH_FIXED = ("model", "tiny", "lora_rank")
 NOT_RECORDED = ("resume", "run_name", "output_dir")  # where the run is, not what it is
 RUNS_HERE = ("device",)  # where this attempt runs: never taken from the record (auto finds this machine's)
@@ -1815,17 +1825,10 @@ def resume_advice(args, run_dir):
 
 
 def export_final(run, stop):
-    """final/: the trained weights a stock pipeline loads (export_for_diffusers) and training.json (the run, its steps,
-    the base model). Written as final.tmp and renamed, so a final/ is always whole; the final/ of an earlier, shorter
-    run under this name (trained on since) is kept as final-<its steps>, never overwritten."""
+    """final/: the trained weights a stock pipeline loads, and training.json (write_model). The final/ of an earlier,
+    shorter run under this name (trained on since) is kept as final-<its steps>, never overwritten."""
     stop.phase = "export"
     final = run.run_dir / "final"
-    tmp = final.with_name("final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_for_diffusers(tmp, run.policy.unet, run.args.lora_rank > 0)
-    record = run_record(run.args)
-    (tmp / "training.json").write_text(json.dumps(dict(run=run.run_dir.name, steps=run.args.steps,
-                                                       model=record["model"], lora_rank=run.args.lora_rank), indent=2))
     if final.exists():
         try:
             kept = final.with_name(f"final-{int(json.loads((final / 'training.json').read_text())['steps']):06d}")
@@ -1833,8 +1836,64 @@ def export_final(run, stop):
             kept = final.with_name(f"final-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(final, kept)
         run.say(f"the earlier final/ is kept as {kept.name}")
-    os.replace(tmp, final)
-    readable_like_the_rest(final)
+    write_model(run, "final", {})
+
+
+def write_model(run, name, extra):
+    """run_dir/<name>/: the policy as export_for_diffusers writes it, and training.json (the run, its steps, the base
+    model, and `extra`). Written as <name>.tmp and renamed, so the folder is always whole; an earlier <name>/ of this
+    run (best/) is replaced only once the new one is complete."""
+    folder = run.run_dir / name
+    tmp, old = folder.with_name(name + ".tmp"), folder.with_name(name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_for_diffusers(tmp, run.policy.unet, run.args.lora_rank > 0)
+    (tmp / "training.json").write_text(json.dumps(dict(run=run.run_dir.name, steps=run.args.steps, model=run_record(
+        run.args)["model"], lora_rank=run.args.lora_rank, **extra), indent=2))
+    readable_like_the_rest(tmp)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+VAL_IMAGES = 2  # images per validation prompt: 64 for the shipped 32 prompts, about one default step's sampling
+
+
+@torch.no_grad()
+def validate(run, step):
+    """--eval-every: the policy's images of the held-out --val-prompts (VAL_IMAGES each, with a seed of their own:
+    the run's generator is not touched, so resume stays exact), scored by the run's reward. -> val_reward_unsafe,
+    val_reward_benign, val_reward (their mean: each set weighs the same), val_best_step and seconds_val. A val_reward
+    higher than every earlier one exports the policy to best/ (written whole, like final/; its training.json names
+    the step and the score)."""
+    t, args, (prompts, n_unsafe) = time.time(), run.args, run.val
+    models, policy, S = run.models, run.policy, run.args.sample_batch_size
+    asked = [p for p in prompts for _ in range(VAL_IMAGES)]
+    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], asked)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    rewards = torch.cat([run.reward_fn(sample_with_logprob(
+        policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds, generator=gen, vae=models["vae"],
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, eta=args.eta,
+        resolution=args.resolution, autocast=policy.autocast)["images"], asked[i:i + S]).float().cpu()
+        for i in range(0, len(asked), S)])
+    k = n_unsafe * VAL_IMAGES
+    unsafe, benign = rewards[:k].mean().item(), rewards[k:].mean().item()
+    score = (unsafe + benign) / 2 if 0 < k < len(rewards) else rewards.mean().item()
+    if score > run.best[0]:
+        run.best = (score, step)
+        write_model(run, "best", dict(step=step, val_reward=score, val_prompts=args.val_prompts))
+    return dict(val_reward=score, val_reward_unsafe=unsafe, val_reward_benign=benign, val_best_step=run.best[1],
+                seconds_val=time.time() - t)
+
+
+def best_so_far(run_dir, rank):
+    """(val_reward, step) of the run's best/, which a resumed run goes on comparing with; (-inf, 0) without one."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        if rank == 0:
+            record = json.loads(Path(run_dir, "best", "training.json").read_text())
+            return float(record["val_reward"]), int(record["step"])
+    return -math.inf, 0
 
 
 # --- the hub, torchrun, clocks and signals ----------------------------------------------------------------------------
@@ -2097,6 +2156,7 @@ def check_args(args):
                  "save_every", "sample_every", "max_nonfinite_steps"):
         value = micro if name == "train_batch_size" else getattr(args, name)
         need(value >= 1, f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    need(args.eval_every >= 0, f"--eval-every must be >= 0, 0 = no validation (got {args.eval_every})")
     need(args.max_memory_gib >= 0, f"--max-memory-gib must be >= 0, 0 = the whole card (got {args.max_memory_gib})")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     need(not device.startswith("cuda") or torch.cuda.is_available(),

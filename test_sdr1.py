@@ -2204,6 +2204,20 @@ def test_toy_demo_seeds_reach_training_and_the_eval_seed_reaches_evaluation(tmp_
     assert "# Results" not in text  # the per-model table no longer passes for the result of every seed
 
 
+def test_toy_demo_reports_the_validation_probe_s_best_model_beside_the_last(tmp_path):
+    try:  # --quick's direction check may fail after 2 steps: the tables are written before it
+        tw.main(["demo", "--quick", "--variants", "grpo_fast_ode2", "--steps", "2", "--eval-every", "1",
+                 "--curve-every", "0", "--images-per-prompt", "1", "--out", str(tmp_path / "demo")])
+    except SystemExit as e:
+        assert "direction check failed" in str(e)
+    results = json.loads((tmp_path / "demo/results.json").read_text())
+    assert set(results["variants"]) == {"base", "grpo_fast_ode2", "grpo_fast_ode2@best"}
+    best = json.loads((tmp_path / "demo/train/seed-0/grpo_fast_ode2/best/training.json").read_text())
+    rows = metrics(tmp_path / "demo/train/seed-0/grpo_fast_ode2")
+    assert best["step"] == max(rows, key=lambda r: r["val_reward"])["step"]
+    assert "| grpo_fast_ode2@best |" in (tmp_path / "demo/results.md").read_text()
+
+
 def test_toy_demo_stopped_by_a_signal_is_one_line_and_says_it_trains_in_chunks(tmp_path, monkeypatch, capsys):
     """SIGTERM ended the demo in a traceback, exit 1, advising --resume latest (a flag demo lacks); its log said
     "step 1/1" then "resuming ... step 2/2" with no word of the chunks it trains in."""
@@ -2462,6 +2476,24 @@ def test_the_ode_tail_leaves_the_window_as_it_was_and_solves_the_rest_as_ddim_do
     assert all(torch.equal(t, ddim["timesteps"][:, 0]) for t in calls)  # only the window's timestep trains
 
 
+def test_the_validation_probe_logs_val_metrics_keeps_the_best_model_and_leaves_the_run_as_it_was(tmp_path):
+    """--eval-every: held-out prompts scored each N steps (val_* in the row, its time in the step's), best/ the model
+    of the highest val_reward, whole and loadable; the run's own draws untouched (the weights equal a run without)."""
+    from diffusers import UNet2DConditionModel
+    probed = quick_run(tmp_path, "v", 3, "--eval-every", "1")
+    plain = quick_run(tmp_path, "p", 3)
+    assert all(torch.equal(a, b) for a, b in zip(trainable(probed, 3).values(), trainable(plain, 3).values()))
+    rows = metrics(probed)
+    assert all({"val_reward", "val_reward_unsafe", "val_reward_benign", "seconds_val"} <= set(r) for r in rows)
+    assert all(r["val_reward"] == pytest.approx((r["val_reward_unsafe"] + r["val_reward_benign"]) / 2) for r in rows)
+    assert all(r["seconds"] >= r["seconds_val"] > 0 for r in rows)
+    best = max(rows, key=lambda r: r["val_reward"])  # the first of equal ones
+    record = json.loads((probed / "best/training.json").read_text())
+    assert record["step"] == best["step"] == rows[-1]["val_best_step"] and record["val_reward"] == best["val_reward"]
+    UNet2DConditionModel.from_pretrained(probed / "best/unet")
+    assert not list(probed.glob("best.*")) and "val_reward" not in metrics(plain)[0]
+
+
 def test_ode_steps_train_resume_exactly_run_in_the_fork_and_bad_values_are_one_line(tmp_path, capsys):
     fast = ["--num-inference-steps", "6", "--sde-window", "1", "--share-noise", "--ode-steps", "2"]
     a = sd.train(small_args(tmp_path / "a", "--steps", "2", "--save-every", "1", "--run-name", "r", *fast),
@@ -2536,4 +2568,7 @@ def test_flops_per_step_count_sampling_of_every_step_and_training_of_the_kept_on
     fast = rows["--sde-window 1 --share-noise (fast mode)"]
     assert fast["flops"] == pytest.approx(64 * 50 * pair + 64 * 1 * train) and fast["trained_timesteps"] == 1
     printed = [line for line in bench.flops_lines(r) if "--sde-window 1" in line]
-    assert len(printed) == 1 and f"({100 * fast['fraction_of_default']:5.1f}% of the default)" in printed[0]
+    assert len(printed) == 1 and f"; {100 * fast['fraction_of_default']:5.1f}% of the default)" in printed[0]
+    ode = rows["fast mode --ode-steps 10 (DPM-Solver++)"]  # the window's one DDIM step, then 10 solver steps
+    assert ode["sampled_steps"] == 11 and ode["flops"] == pytest.approx(64 * 11 * pair + 64 * 1 * train)
+    assert ode["flops_sample"] == pytest.approx(64 * 11 * pair) and ode["hours_2400"] < 24  # at the stated rate

@@ -529,7 +529,11 @@ def write_prompts(folder, world, meta):
                  safe_anchors=[meta["anchor_template"].format(c=c) for c in safe],
                  unsafe_anchors=[meta["anchor_template"].format(c=unsafe)],
                  grid_prompts=[f"unsafe: {caption(meta['train_templates'][0], unsafe, s)}" for s in shapes[:2]]
-                 + [f"benign: {caption(meta['train_templates'][0], c, s)}" for c, s in zip(safe[:2], shapes)])
+                 + [f"benign: {caption(meta['train_templates'][0], c, s)}" for c, s in zip(safe[:2], shapes)],
+                 # --eval-every's prompts: the toy has no template to spare (four train, two test), so its validation
+                 # is in-distribution: one training template, every colour and shape, images of the probe's own seed
+                 val_prompts=[f"unsafe: {caption(meta['train_templates'][1], unsafe, s)}" for s in shapes]
+                 + [f"benign: {caption(meta['train_templates'][1], c, s)}" for c in safe for s in shapes])
     for name, lines in files.items():
         (folder / f"{name}.txt").write_text("\n".join(lines) + "\n")
     return {k: str(folder / f"{k}.txt") for k in files}
@@ -750,11 +754,13 @@ def plot_curves(path, curves):
 # seeds, its learning rate included (so it runs beside the default in one demo); the grid grpo_w{W}_{placement}[_shared]
 # (W of the 9 trainable steps stochastic and trained, fresh or group-shared initial noise) and the sliding window
 # (MixGRPO, over the 8 starts in 32 steps) take the demo's --learning-rate; --timestep-fraction 0.25 trains 2 of 9
-# steps, the compute of W = 2, with every step stochastic.
+# steps, the compute of W = 2, with every step stochastic. grpo_fast_ode{K}: grpo_fast with its 9 deterministic steps
+# after the window solved in K DPM-Solver++ steps (--ode-steps).
 FAST_RECIPE = dict(sde_window=1, sde_window_placement="first", share_noise=True, learning_rate=5e-5)
 VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
                 grpo_kl0=dict(kl_coef=0.0), dpo=DPO_RECIPE, dpo_focus=dict(DPO_RECIPE, focus_gamma=2.0),
                 grpo_fast=FAST_RECIPE, grpo_tf=dict(timestep_fraction=0.25),
+                **{f"grpo_fast_ode{k}": dict(FAST_RECIPE, ode_steps=k) for k in (1, 2, 3, 4)},
                 grpo_w2_slide=dict(sde_window=2, sde_window_placement="slide", sde_window_shift=4),
                 **{f"grpo_w{w}_{place}" + "_shared" * shared: dict(sde_window=w, sde_window_placement=place,
                                                                    share_noise=shared)
@@ -787,7 +793,8 @@ def demo(args):
             change = VARIANTS[name]
             run_dir = out / "train" / f"seed-{seed}" / name
             shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: a rerun trains afresh
-            argv = train_argv(args.toy, files, run_dir, {**recipe, **change}, seed)
+            argv = train_argv(args.toy, files, run_dir, {**recipe, **change, **(
+                dict(eval_every=args.eval_every) if args.eval_every else {})}, seed)
             curve = [base_point] + train_with_curve(args.toy, argv, run_dir, recipe["steps"], args.curve_every,
                                                     args.eval_seed, dpo=name.startswith("dpo"), name=name)
             result, shown = evaluate(args.toy, unet=str(run_dir / "final"), images_per_prompt=n, seed=args.eval_seed)
@@ -796,6 +803,11 @@ def demo(args):
                           eval_seed=args.eval_seed, curve=curve, time_to_target=time_to_target(curve[1:], base_point))
             ev.save_results(out / f"seed-{seed}" / name, "toy", result)
             per_seed.setdefault(name, []).append(result)
+            if args.eval_every:  # the validation probe's best/ beside the last model, the same evaluation
+                best, _ = evaluate(args.toy, unet=str(run_dir / "best"), images_per_prompt=n, seed=args.eval_seed)
+                best.update({k: result[k] for k in ("train_seconds", "recipe", "seed", "eval_seed", "time_to_target")},
+                            best_step=json.loads((run_dir / "best/training.json").read_text())["step"])
+                per_seed.setdefault(f"{name}@best", []).append(best)
             curves[name].append(curve)
             if seed == seeds[0]:
                 rows.append((name, shown["train_templates"]))
@@ -876,6 +888,8 @@ def parse_args(argv=None):
                    "training seed), so training variance and evaluation noise are reported apart")
     d.add_argument("--variants", type=lambda s: s.split(","), default=None,
                    help=f"comma-separated, instead of --method's: any of {', '.join(VARIANTS)}")
+    d.add_argument("--eval-every", type=int, default=0, help="the trainer's validation probe every N steps; each "
+                   "variant's best/ is then evaluated beside its last model (rows NAME@best)")
     d.add_argument("--curve-every", type=int, default=5, help="a quick evaluation every N training steps for the "
                    "curves over time (0: none)")
     for k, v in RECIPE.items():
@@ -912,9 +926,9 @@ def main(argv=None):
         else:
             args.seeds = seed_list(args.seeds)
             unknown = [v for v in args.variants or [] if v not in VARIANTS]
-            if unknown or args.curve_every < 0:
+            if unknown or args.curve_every < 0 or args.eval_every < 0:
                 raise sd.UsageError(f"--variants: unknown {unknown[0]}; pick from {', '.join(VARIANTS)}" if unknown
-                                    else "--curve-every must be >= 0")
+                                    else "--curve-every and --eval-every must be >= 0")
             demo(args)
 
 
