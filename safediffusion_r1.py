@@ -1134,7 +1134,8 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
     """setup_run once the run folder is claimed (plan_run's `claim`, its `lock`): the inputs, the models, the policy,
     resume, the plan, the run's files."""
     run_dir, changes = claim.run_dir, claim.changes
-    check_args(args)  # a resumed run's: the flags named now with its own
+    if args.resume:  # a resumed run's flags, checked once they are its own (a new run's were, before the claim)
+        check_args(args)
     reward_fn = objective.reward_fn
     # A prompt is cut at PROMPT_CHARS characters, far past its 77 tokens: a 10 MB line was tokenized whole every
     # time it was drawn (77 s for one step). The tokenizer truncates the rest as before; the warning still counts it.
@@ -1425,7 +1426,7 @@ def save_checkpoint(run_dir, step, weights, optimizer_state, generators, keep=0)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
+        save_file(weights, tmp / "weights.safetensors")  # contiguous: trainable_state's, or keep_steps_done's copy
         torch.save(dict(step=step, optimizer=optimizer_state, generators=generators), tmp / "state.pt")
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save's is a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1493,6 +1494,11 @@ def checkpoint_step(path):
     return int(Path(path).name.split("-")[-1])
 
 
+def checkpoint_run(path):
+    """The run a checkpoint belongs to: RUN/checkpoints/checkpoint-000012 -> RUN."""
+    return Path(path).parent.parent
+
+
 def complete_checkpoints(run_dir):
     """A run's complete checkpoints, highest step first (a .tmp folder is a save cut short: never a candidate)."""
     found = [p for p in Path(run_dir, "checkpoints").glob("checkpoint-*") if p.name[len("checkpoint-"):].isdigit()]
@@ -1541,7 +1547,7 @@ def plan_run(args, objective=None):
         if not (parent / "weights.safetensors").is_file() or not (parent / "state.pt").is_file():
             raise UsageError(f"--resume {args.resume}: not a checkpoint folder (needs weights.safetensors and "
                              "state.pt)")
-        run_dir = out / name if name and name != parent.parent.parent.name else parent.parent.parent
+        run_dir = out / name if name and name != checkpoint_run(parent).name else checkpoint_run(parent)
     else:
         run_dir = out / (name or time.strftime("%Y%m%d-%H%M%S"))
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "final"):  # found now, not after a whole step
@@ -1559,7 +1565,7 @@ def plan_run(args, objective=None):
 
 def decide_run(args, objective, run_dir, parent):
     """plan_run's decision, taken under the run's lock."""
-    branch = parent is not None and run_dir != parent.parent.parent
+    branch = parent is not None and run_dir != checkpoint_run(parent)
     if args.resume in ("latest", "auto"):
         candidates = complete_checkpoints(run_dir)
         if not candidates and args.resume == "latest":
@@ -1580,7 +1586,7 @@ def decide_run(args, objective, run_dir, parent):
                          ", or start a new one under another --run-name")
     changes = {}
     if candidates or args.resume == "auto" and (run_dir / "args.json").exists():  # a dead attempt's flags too
-        args, changes = resumed_args(args, objective, parent.parent.parent if branch else run_dir, branch)
+        args, changes = resumed_args(args, objective, checkpoint_run(parent) if branch else run_dir, branch)
     if candidates:
         done = checkpoint_step(candidates[0])
         if args.steps < done or args.steps == done and (run_dir / "final").is_dir():
@@ -1623,7 +1629,7 @@ def resumed_args(args, objective, source, branch):
             return args, {}
         raise UsageError(f"{source}/args.json is damaged ({e}): without it a resume cannot keep the run's settings; "
                          "restore it, or branch with every flag named: --resume CHECKPOINT --run-name NEW") from None
-    kind = getattr(getattr(objective, "update", None), "__name__", "grpo_step")
+    kind = objective_name(objective)
     foreign = sorted(set(record) - set(dataclasses.asdict(args)) - set(RECORD_EXTRAS))
     if record.get("objective", "grpo_step") != kind or foreign:
         raise UsageError(f"run {source.name} was trained by {record.get('objective', 'another program')}"
@@ -1787,7 +1793,7 @@ def open_run_dir(run_dir, args, start, changes, plan=None, objective=None, paren
     objective, a branch's parent checkpoint, and under "history" every resume with the flags it changed and the plan
     it ran. metrics.jsonl keeps only the rows up to `start` (a branch: its parent's); a fresh start clears a dead
     attempt's rows."""
-    source = parent.parent.parent if parent else run_dir
+    source = checkpoint_run(parent) if parent else run_dir
     record, old = run_record(args), {}
     with contextlib.suppress(OSError, ValueError, AttributeError):
         old = dict(json.loads((source / "args.json").read_text())) if start else {}
@@ -1802,15 +1808,21 @@ def open_run_dir(run_dir, args, start, changes, plan=None, objective=None, paren
     return run_dir
 
 
+def recorded_steps(folder):
+    """The steps in an exported model's training.json (final/, best/), None without a readable one (a final/ from
+    before it)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads(Path(folder, "training.json").read_text())["steps"])
+    return None
+
+
 def final_steps(run_dir):
-    """The steps of a run's exported final/ (its training.json; the newest checkpoint's for a final/ from before it),
-    0 without one."""
+    """The steps of a run's exported final/ (the newest checkpoint's for a final/ without training.json), 0 without
+    one."""
     if not Path(run_dir, "final").is_dir():
         return 0
-    try:
-        return int(json.loads(Path(run_dir, "final", "training.json").read_text())["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return max(map(checkpoint_step, complete_checkpoints(run_dir)), default=0)
+    steps = recorded_steps(Path(run_dir, "final"))
+    return steps if steps is not None else max(map(checkpoint_step, complete_checkpoints(run_dir)), default=0)
 
 
 def objective_name(objective):
@@ -1830,10 +1842,8 @@ def export_final(run, stop):
     stop.phase = "export"
     final = run.run_dir / "final"
     if final.exists():
-        try:
-            kept = final.with_name(f"final-{int(json.loads((final / 'training.json').read_text())['steps']):06d}")
-        except (OSError, ValueError, KeyError, TypeError):  # a final/ from before training.json
-            kept = final.with_name(f"final-{time.strftime('%Y%m%d-%H%M%S')}")
+        steps = recorded_steps(final)  # None: a final/ from before training.json, named by the time instead
+        kept = final.with_name(f"final-{steps:06d}" if steps is not None else f"final-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(final, kept)
         run.say(f"the earlier final/ is kept as {kept.name}")
     write_model(run, "final", {})
