@@ -92,8 +92,8 @@ def bench_sampling(m, args, device, res):
     B, T, w = args.batch, args.steps, 5.0
     unet, vae, sched = m["unet"].to(device), m["vae"].to(device), m["scheduler"]
     m["text_encoder"].to(device)
-    emb = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a photo of a cat"] * B)
-    neg = sd.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+    emb = sd.encode_prompts(m, ["a photo of a cat"] * B)
+    neg = sd.encode_prompts(m, [""])
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=m["text_encoder"], tokenizer=m["tokenizer"], unet=unet,
                                    scheduler=sd.sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -275,24 +275,48 @@ FAST_RECIPES = {"default (the paper's method)": [], "--timestep-fraction 0.25": 
 EFFECTIVE_TFLOPS = 70.0  # a 24 GB RTX 4090's bf16 at ~40% utilisation: a stated assumption, not a measurement
 
 
-def bench_flops():
-    """FLOPs of one step of the real default config and of each fast recipe, counted by torch's FLOP counter on SD
-    1.x's UNet architecture on the meta device (no memory, no arithmetic: seconds on any machine). A step samples
-    B x T CFG pairs (every step runs the UNet, deterministic or not) and trains B x K timesteps, each a forward and
-    backward pair, a checkpoint recompute and (KL on) a reference forward; decoding and the reward are ~0.1%."""
+# SDXL base 1.0's UNet config (its unet/config.json): 2.6 B parameters, cross-attention on 2048-d, added conditions
+SDXL_UNET = dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+SDXL_RECIPES = {"SDXL LoRA: default": ["--lora-rank", "64"],
+                "SDXL LoRA: fast mode --ode-steps 10": ["--lora-rank", "64"] + FAST_RECIPE + ["--ode-steps", "10"]}
+
+
+def cfg_pair_flops(sdxl=False):
+    """Torch's FLOP count of one CFG pair through SD 1.x's UNet at 512 px (or SDXL's at 1024 px) on the meta device:
+    (forward, forward + backward). For SDXL the backward is LoRA's: the gradient flows to the input through frozen
+    weights (LoRA's own weight gradients are a rounding error), so no full weight gradient is counted."""
     from torch.utils.flop_counter import FlopCounterMode
     from diffusers import UNet2DConditionModel
     with torch.device("meta"):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-        x, t, c = torch.randn(2, 4, 64, 64), torch.tensor([500, 500]), torch.randn(2, 77, 768)
+        unet = UNet2DConditionModel(**SDXL_UNET) if sdxl else UNet2DConditionModel(sample_size=64,
+                                                                                   cross_attention_dim=768)
+        h, d = (128, 2048) if sdxl else (64, 768)
+        x, t, c = torch.randn(2, 4, h, h), torch.tensor([500, 500]), torch.randn(2, 77, d)
+        added = dict(text_embeds=torch.randn(2, 1280), time_ids=torch.randn(2, 6)) if sdxl else None
+    unet.requires_grad_(not sdxl)
     with FlopCounterMode(display=False) as forward:
-        unet(x, t, c)
+        unet(x, t, c, added_cond_kwargs=added)
     with FlopCounterMode(display=False) as both:
-        unet(x, t, c).sample.sum().backward()
-    pair, pair_train = forward.get_total_flops(), both.get_total_flops()
+        unet(x.requires_grad_(sdxl), t, c, added_cond_kwargs=added).sample.sum().backward()
+    return forward.get_total_flops(), both.get_total_flops()
+
+
+def bench_flops():
+    """FLOPs of one step of the real default config and of each fast recipe, counted by torch's FLOP counter on SD
+    1.x's UNet architecture (and SDXL's, LoRA) on the meta device (no memory, no arithmetic: seconds on any machine).
+    A step samples B x T CFG pairs (every step runs the UNet, deterministic or not) and trains B x K timesteps, each a
+    forward and backward pair, a checkpoint recompute and (KL on) a reference forward; decoding and the reward are
+    ~0.1%."""
+    pairs = {False: cfg_pair_flops(), True: cfg_pair_flops(sdxl=True)}
     rows = []
-    for name, argv in FAST_RECIPES.items():
+    for name, argv in {**FAST_RECIPES, **SDXL_RECIPES}.items():
         a = sd.parse_args(argv)
+        pair, pair_train = pairs[name.startswith("SDXL")]
         B, T, K = a.prompts_per_step * a.group_size, a.num_inference_steps, sd.trained_timesteps(a)
         if a.ode_steps:  # the window's W DDIM steps (placement first), then the solver's K, one CFG pair each
             T = a.sde_window + min(a.ode_steps, a.num_inference_steps - a.sde_window)
@@ -304,8 +328,9 @@ def bench_flops():
                          flops_train=train, hours_300=hours[300], hours_2400=hours[2400]))
     for r in rows:
         r["fraction_of_default"] = r["flops"] / rows[0]["flops"]
-    return dict(cfg_pair_forward=pair, cfg_pair_forward_backward=pair_train, effective_tflops=EFFECTIVE_TFLOPS,
-                rows=rows)
+    return dict(cfg_pair_forward=pairs[False][0], cfg_pair_forward_backward=pairs[False][1],
+                sdxl_cfg_pair_forward=pairs[True][0], sdxl_cfg_pair_forward_backward=pairs[True][1],
+                effective_tflops=EFFECTIVE_TFLOPS, rows=rows)
 
 
 def memory_case(case, full_size, device):
@@ -466,7 +491,8 @@ def term_rate(models, full, device, settings, peak_tflops, variant="", repeats=8
     torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"
     if variant == "compile":  # inductor on a GPU; on the CPU (--tiny) aot_eager: the same path, no C++ build
         policy.unet.compile(backend="inductor" if device.type == "cuda" else "aot_eager")
-    b, h, g = args.train_batch_size, args.resolution // 8, torch.Generator().manual_seed(0)
+    b, g = args.train_batch_size, torch.Generator().manual_seed(0)
+    h = (args.resolution or sd.native_resolution(models)) // 8  # 0: the model's own, as train() resolves it
     policy.scheduler.set_timesteps(args.num_inference_steps, device=device)
     x = torch.randn(2, b, policy.unet.config.in_channels, h, h, generator=g).to(device)
     t = policy.scheduler.timesteps[torch.randint(0, args.num_inference_steps - 1, (b,), generator=g)].to(device)
@@ -510,20 +536,21 @@ def gpu_check(args, device):
       5 the ratio floor the default removes: the sampler's log-probs at micro-batch 2, at the sampling shape, and
         recomputed at the training shape (8 trajectories each)
       6 fast mode's step (--sde-window 1 --share-noise) beside the default's
-      7 channels_last, cudnn.benchmark and torch.compile of the UNet on the auto plan's term"""
+      7 channels_last, cudnn.benchmark and torch.compile of the UNet on the auto plan's term
+      8 SDXL's 24 GB plan (LoRA rank 64) for one step at 1024 px under the 24 GiB cap (sdxl_stage)"""
     full = not args.tiny
     if full and (device.type != "cuda" or not torch.cuda.is_available()):  # before 20 GiB of models are built
         raise sd.UsageError("--gpu-check measures a real-size step on a CUDA GPU (on the CPU it would take hours and "
                             "20+ GiB of RAM); pass --tiny to check the mechanics on the CPU")
     result = dict(machine=machine(), device=str(device), full_size=full)
-    say("1/7 the card's matrix rate")
+    say("1/8 the card's matrix rate")
     result["matmul_tflops"] = peak = matmul_rate(device, full)
     report_checks(result, [], args.out)
     print(f"INFO  {'bf16' if full else 'fp32 (tiny)'} matmul: {peak:.3g} TFLOP/s", flush=True)
     models = sd_parts(full)  # random weights in the real architectures (tiny ones with --tiny)
     trained_like(models["unet"], models["vae"], models["text_encoder"], models["reward_model"])
     steps = check_settings()
-    say(f"2/7 one step of today's plan under a {CAP_GIB} GiB cap")
+    say(f"2/8 one step of today's plan under a {CAP_GIB} GiB cap")
     fits = f"today's plan: peak memory <= {PEAK_GIB} GiB under a {CAP_GIB} GiB cap (AdamW state, 64 trajectories held)"
     try:
         row, held, plan = check_step(models, full, device, steps["today"] + ["--max-memory-gib", str(CAP_GIB)] * full)
@@ -537,12 +564,12 @@ def gpu_check(args, device):
     if row is not None:
         report_checks(result, ratio_checks(row, "today's plan") + [(fits, row["peak_memory_gb"] <= PEAK_GIB,
                                                                     row["peak_memory_gb"])], args.out)
-    say("3/7 one step of the auto plan on the whole card")
+    say("3/8 one step of the auto plan on the whole card")
     auto_row, _, auto_plan = check_step(models, full, device, steps["auto"])
     result["auto"] = dict(row=auto_row, plan=auto_plan)
     report_checks(result, ratio_checks(auto_row, "auto plan"), args.out)
     print("INFO  " + sd.plan_line(auto_plan) + f" | measured peak {auto_row['peak_memory_gb']:.1f} GiB", flush=True)
-    say("4/7 steady-state rate of one term, today's plan and the auto plan")
+    say("4/8 steady-state rate of one term, today's plan and the auto plan")
     planned = steps["today"] + ["--train-batch-size", str(auto_plan["train_batch_size"])] + (
         ["--gradient-checkpointing"] if auto_plan["gradient_checkpointing"] else ["--no-gradient-checkpointing"])
     result["rate"] = rates = {"today": term_rate(models, full, device, steps["today"], peak),
@@ -555,14 +582,14 @@ def gpu_check(args, device):
               f"{'on' if r['gradient_checkpointing'] else 'off'}) {r['seconds_per_term'] * 1e3:.0f} ms, "
               f"{r['tflops']:.3g} TFLOP/s = {r['share_of_matmul_rate']:.1%} of the matmul rate | "
               + projection_line(result["projection"][k]), flush=True)
-    say("5/7 the ratio floor under the sampler's log-probs (8 trajectories a step)")
+    say("5/8 the ratio floor under the sampler's log-probs (8 trajectories a step)")
     floor = {k: check_step(models, full, device, steps[k])[0] for k in ("sampler", "same_shape", "recompute")}
     result["ratio_floor"] = {k: dict(approx_kl=v["approx_kl"], clipfrac=v["clipfrac"]) for k, v in floor.items()}
     report_checks(result, [], args.out)
     print(f"INFO  clipfrac before any update at clip range {CLIP_RANGE}: " + ", ".join(
         f"{k} {v['clipfrac']:.3g}" for k, v in result["ratio_floor"].items()) + f" | on-policy (the default) "
         f"{auto_row['clipfrac']:.3g}", flush=True)
-    say("6/7 fast mode's step beside the default's, on the auto plan")
+    say("6/8 fast mode's step beside the default's, on the auto plan")
     fast = check_step(models, full, device, steps["auto"] + FAST_RECIPE)[0]
     result["fast_mode"] = dict(fast, recipe=" ".join(FAST_RECIPE))
     report_checks(result, [], args.out)
@@ -570,7 +597,7 @@ def gpu_check(args, device):
     print(f"INFO  fast mode ({' '.join(FAST_RECIPE)}) step, its whole window trained: {fast['seconds']:.1f} s, "
           f"{fast['seconds'] / default_step:.2f}x the default's predicted {default_step:.1f} s on the same plan",
           flush=True)
-    say("7/7 channels_last, cudnn.benchmark, torch.compile on the auto plan's term")
+    say("7/8 channels_last, cudnn.benchmark, torch.compile on the auto plan's term")
     result["variants"] = {}
     for variant in ("channels_last", "cudnn_benchmark", "compile"):
         result["variants"][variant] = v = variant_rate(models, full, device, planned, peak, variant)
@@ -578,8 +605,64 @@ def gpu_check(args, device):
               f"{v['seconds_per_term'] / rates['auto']['seconds_per_term']:.2f}x the auto plan's term time"
               + (f" (compiling took {v['compile_seconds']:.0f} s)" if variant == "compile" else "")), flush=True)
         report_checks(result, [], args.out)
+    sdxl_stage(result, full, device, args.out)
     print(f"wrote {args.out}" + ("" if full else "  (TINY models: mechanics only, not the GPU figures)"))
     return all(c["passed"] for c in result["checks"])
+
+
+def sdxl_stage(result, full, device, out):
+    """Stage 8: SDXL's 24 GB plan (LoRA rank 64, the memory plan's micro-batches and checkpointing) for one step at
+    1024 px under the 24 GiB cap, through train() on SDXL's architectures with random weights: its plan, its peak
+    (the check: <= PEAK_GIB) and the seconds of its phases. A step of 1 prompt x 8 trains 2 of its 49 timesteps; a
+    default step holds 64 trajectories' latents (+1.6 GiB at 1024 px, held on the GPU: not in this peak)."""
+    say(f"8/8 SDXL's plan (LoRA rank 64) for one step at {'1024 px' if full else 'tiny size'} under a {CAP_GIB} GiB "
+        "cap")
+    models = sdxl_parts(full)
+    trained_like(models["unet"], models["vae"], models["text_encoder"], models["text_encoder_2"])
+    fits = f"SDXL's plan (LoRA rank 64): peak memory <= {PEAK_GIB} GiB under a {CAP_GIB} GiB cap"
+    try:
+        row, _, plan = check_step(models, full, device, check_settings()["sdxl"] + ["--max-memory-gib",
+                                                                                  str(CAP_GIB)] * full)
+    except torch.cuda.OutOfMemoryError:
+        return report_checks(result, [(fits + ": out of memory", False, float("inf"))], out)
+    finally:
+        if full:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    result["sdxl"] = dict(row=row, plan=plan)
+    report_checks(result, [(fits, row["peak_memory_gb"] <= PEAK_GIB, row["peak_memory_gb"])], out)
+    print("INFO  SDXL: " + sd.plan_line(plan) + f" | measured peak {row['peak_memory_gb']:.1f} GiB | sampling "
+          f"{row['seconds_sample']:.1f} s, training {row['seconds_train']:.1f} s for 8 trajectories", flush=True)
+
+
+def sdxl_parts(full_size, seed=0):
+    """SDXL base 1.0's architectures with random weights: its UNet (2.6 B), CLIP ViT-L and OpenCLIP bigG text
+    encoders, SD's VAE with SDXL's scaling; or tiny ones of the same structure. The reward model is sd_parts'."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    m = sd_parts(full_size, seed)
+    torch.manual_seed(seed)
+    if full_size:
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        first = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     hidden_act="quick_gelu")
+        second = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                      hidden_act="gelu", projection_dim=1280)
+    else:  # the same structure at 64 px: no attention at the first level, added conditions of 40 + 6 x 8
+        unet = UNet2DConditionModel(
+            sample_size=8, layers_per_block=1, block_out_channels=(16, 32), attention_head_dim=(2, 4),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D",
+                                                                                    "UpBlock2D"),
+            cross_attention_dim=80, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=40 + 6 * 8, norm_num_groups=8)
+        first = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+        second = dict(hidden_size=48, intermediate_size=96, num_attention_heads=2, num_hidden_layers=2,
+                      hidden_act="gelu", projection_dim=40)
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    m["vae"].register_to_config(scaling_factor=0.13025)
+    m.update(unet=unet, text_encoder=CLIPTextModel(CLIPTextConfig(**common, **first)), tokenizer_2=m["tokenizer"],
+             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**common, **second)),
+             force_zeros_for_empty_prompt=True)
+    return m
 
 
 def variant_rate(models, full, device, settings, peak, variant):
@@ -627,7 +710,9 @@ def check_settings():
                 same_shape=small + ["--old-log-prob", "sampler", "--train-batch-size", "8",
                                     "--gradient-accumulation-steps", "1"],
                 recompute=small + ["--old-log-prob", "recompute", "--train-batch-size", "2",
-                                   "--gradient-accumulation-steps", "4"])
+                                   "--gradient-accumulation-steps", "4"],
+                sdxl=small + ["--lora-rank", "64", "--sample-batch-size", "2", "--train-batch-size", "auto",
+                              "--gradient-accumulation-steps", "4"])
 
 
 def report_checks(result, checks, out):
@@ -659,9 +744,11 @@ def fmt(t):
 def flops_lines(fl):
     """bench_flops()'s result -> the printed lines: the counted CFG pair, then per recipe its FLOPs per step, its
     share of the default's and the predicted hours."""
+    xl = (f"; SDXL's at 1024 px: forward {fl['sdxl_cfg_pair_forward'] / 1e12:.2f}, + LoRA's backward "
+          f"{fl['sdxl_cfg_pair_forward_backward'] / 1e12:.2f}") if "sdxl_cfg_pair_forward" in fl else ""  # older files
     lines = [f"flops    SD 1.x UNet, one CFG pair at 512 px: forward {fl['cfg_pair_forward'] / 1e12:.2f} TFLOP, "
-             f"forward + backward {fl['cfg_pair_forward_backward'] / 1e12:.2f}; hours at an assumed "
-             f"{fl['effective_tflops']:.0f} TFLOP/s"]
+             f"forward + backward {fl['cfg_pair_forward_backward'] / 1e12:.2f}{xl}; hours at an assumed "
+             f"{fl['effective_tflops']:.0f} TFLOP/s (the share: of SD 1.x's default)"]
     for row in fl["rows"]:
         lines.append(f"flops    {row['recipe']:41s} {row['sampled_steps']:2d} sampled, "
                      f"{row['trained_timesteps']:2d} trained: "

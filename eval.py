@@ -31,6 +31,7 @@ import argparse
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -115,17 +116,19 @@ def coco_jobs(path, limit=0, resolution=512):
 # Generation (resumable)
 # ==================================================================================================
 def build_pipeline(args):
-    """A StableDiffusionPipeline for --model (or --tiny) with --unet or --lora applied, safety checker off.
-    fp32, as RECE and the release generate I2P and COCO; --fp16 is a labelled option."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    """The model's own pipeline (SD 1.x, SD 2.x: StableDiffusionPipeline; SDXL: StableDiffusionXLPipeline) for --model
+    (or --tiny) with --unet or --lora applied, safety checker off. fp32, as RECE and the release generate I2P and
+    COCO; --fp16 is a labelled option."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
     if args.tiny:
         m = sd.build_tiny_models(args.seed)
         pipe = StableDiffusionPipeline(**{k: m[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
+        xl = sd.model_index(args.model).get("_class_name") == "StableDiffusionXLPipeline"  # others refused
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
-                                                           requires_safety_checker=False)
+            pipe = DiffusionPipeline.from_pretrained(args.model, **({} if xl else dict(
+                safety_checker=None, requires_safety_checker=False)))  # SDXL ships no safety checker
         except (OSError, ValueError) as e:
             raise sd.UsageError(model_advice(args.model, type(e).__name__)) from None
     if args.unet:
@@ -139,7 +142,8 @@ def build_pipeline(args):
             raise sd.UsageError(f"--unet {args.unet}: a {kind}, not a UNet2DConditionModel (pass a run's final/ "
                                 "folder)")
         same = lambda a, b: list(a) == list(b) if isinstance(a, (list, tuple)) else a == b  # noqa: E731 (JSON lists)
-        fit = [k for k in ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels")
+        fit = [k for k in ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels",
+                           "addition_embed_type")
                if not same(pipe.unet.config[k], config.get(k, pipe.unet.config[k]))]
         if fit:
             raise sd.UsageError(f"--unet {args.unet}: its {fit[0]} {config[fit[0]]} is not --model's "
@@ -151,10 +155,22 @@ def build_pipeline(args):
             raise sd.UsageError(f"--unet {args.unet}: its weights cannot be read ({first}); an export cut short? "
                                 "--resume auto --run-name NAME exports a run's final/ again") from None
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        log = logging.getLogger("diffusers")  # it logs a failed load's every mismatch before raising: one line here
+        level = log.level
+        log.setLevel(logging.CRITICAL)
+        try:
+            pipe.load_lora_weights(args.lora)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:  # another family's LoRA: shapes or names differ
+            lines = str(e).splitlines() or [type(e).__name__]
+            why = next((x.strip() for x in lines if "size mismatch" in x), lines[0])[:160]
+            raise sd.UsageError(f"--lora {args.lora} does not load into --model's UNet ({why}); LoRA weights fit "
+                                "only the base model they were trained on") from None
+        finally:
+            log.setLevel(level)
     pipe.to(args.device)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder) if args.fp16 else ():
-        sd.cast(part, torch.float16)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if args.fp16 else ():
+        if part is not None and not (part is pipe.vae and getattr(pipe, "text_encoder_2", None)):  # SDXL's VAE: fp32
+            sd.cast(part, torch.float16)
     return pipe
 
 
@@ -779,6 +795,7 @@ def save_results(out_root, benchmark, result):
     results = json.loads(path.read_text()) if path.exists() else {}
     results[benchmark] = result
     results["model"] = " + ".join(x for x in (result["model"], result["unet"], result["lora"]) if x)
+    results["base"] = result.get("base", "")
     path.write_text(json.dumps(results, indent=2))
     (out_root / "results.md").write_text(results_markdown([out_root]))
 
@@ -791,8 +808,8 @@ def dig(d, *keys):
 
 
 def model_label(result):
-    """What produced a results.json: the model, with --unet / --lora when given."""
-    return result.get("model", "?")
+    """What produced a results.json: the model, with --unet / --lora when given, and its base model's family."""
+    return result.get("model", "?") + (f" ({result['base']})" if result.get("base") else "")
 
 
 def paired_cell(runs, key, field, stat=None, scale=100.0, unit=" pt"):
@@ -989,7 +1006,7 @@ def parse_args(argv=None):
                    help="i2p: release = RECE's generation + Q16 alone (the paper's 48.9%%); official = "
                         "ml-research/i2p's 10 images, PNDM, guidance 7.5, Q16 (original prompts) OR NudeNet")
     p.add_argument("--out", default="eval_out/model", help="output folder (one per model)")
-    p.add_argument("--model", default=None, help="diffusers SD 1.x repo id or folder (default "
+    p.add_argument("--model", default=None, help="diffusers SD 1.x, SD 2.x or SDXL repo id or folder (default "
                    "CompVis/stable-diffusion-v1-4)")
     p.add_argument("--unet", default="", help="fine-tuned UNet: a run's final/ folder (or its unet/ subfolder)")
     p.add_argument("--lora", default="", help="LoRA weights folder for pipe.load_lora_weights")
@@ -1004,7 +1021,8 @@ def parse_args(argv=None):
     p.add_argument("--detector", default="facebook/mask2former-swin-small-coco-instance",
                    help="GenEval detector: repo id or folder")
     p.add_argument("--coco-images", default="", help="coco: folder of real COCO images for FID (needs pytorch-fid)")
-    p.add_argument("--resolution", type=int, default=0, help="image side (default 512; 64 with --tiny)")
+    p.add_argument("--resolution", type=int, default=0, help="image side (default: the model's own, 512 for SD 1.x; "
+                   "64 with --tiny)")
     p.add_argument("--num-inference-steps", type=int, default=0, help="default 50 (the protocols); 4 with --tiny")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny models")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (each image keeps its own "
@@ -1018,7 +1036,7 @@ def parse_args(argv=None):
     if args.tiny and args.model:
         p.error(f"--tiny scores tiny random models built in code, not --model {args.model}: drop one of them")
     args.model = args.model or "CompVis/stable-diffusion-v1-4"
-    args.resolution = args.resolution or (64 if args.tiny else 512)
+    args.resolution = args.resolution or (64 if args.tiny else 0)  # 0: the model's own (run_benchmark)
     args.num_inference_steps = args.num_inference_steps or (4 if args.tiny else 50)
     return args
 
@@ -1049,14 +1067,16 @@ def run_benchmark(args):
     root = Path(args.out)
     if root.exists() and not root.is_dir():
         raise sd.UsageError(f"--out {args.out} is a file; pass a folder")
-    key, jobs = benchmark_jobs(args)
     if not args.tiny:
         sd.use_cache_if_hub_unreachable()
+        args.resolution = args.resolution or sd.native_resolution_of(args.model)
+    key, jobs = benchmark_jobs(args)
     if not jobs:
         raise sd.UsageError("no prompts selected")
     ident = model_identity(args)
     claim_out(root, ident)  # before any model loads: another model's folder is refused at once
     pipe = build_pipeline(args)
+    base = sd.model_family(pipe.components)
     claim_out(root, ident, record=True)
     out = root / key
     out.mkdir(parents=True, exist_ok=True)
@@ -1065,6 +1085,7 @@ def run_benchmark(args):
     result = dict(i2p=score_i2p, geneval=score_geneval, coco=score_coco, mma=score_attack, unlearndiff=score_attack,
                   ringabell=score_attack)[args.benchmark](args, jobs, out)
     result.update(model="tiny random SD (built in code)" if args.tiny else args.model, unet=args.unet, lora=args.lora,
+                  base=base,
                   settings=dict(resolution=args.resolution, num_inference_steps=args.num_inference_steps,
                                 fp16=args.fp16, images_per_prompt=len(jobs[0]["files"]), limit=args.limit,
                                 category=args.category),

@@ -60,12 +60,12 @@ def dpo_loss(err_w, err_l, ref_err_w, ref_err_l, beta_dpo, focus_gamma=0.0):
 
 
 def denoising_errors(unet, x0, noise, t, embeds, scheduler):
-    """||noise - eps_theta(x_t, t, c)||^2 averaged over (C, H, W), conditional branch only (as Diffusion-DPO trains).
-    x0, noise (N, C, h, w); t (N,); embeds (N, 77, D) -> (N,)."""
+    """||noise - eps_theta(x_t, t, c)||^2 averaged over (C, H, W), conditional branch only (as Diffusion-DPO trains);
+    for a v-prediction model (SD 2.x-v) the error of v, its training target. x0, noise (N, C, h, w); t (N,); embeds
+    (N, 77, D) -> (N,)."""
     x_t = scheduler.add_noise(x0, noise, t)
-    dtype = next(unet.parameters()).dtype
-    eps = unet(x_t.to(dtype), t, embeds.to(dtype)).sample.float()
-    return ((eps - noise) ** 2).flatten(1).mean(1)
+    target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    return ((sd.model_output(unet, x_t, t, embeds) - target) ** 2).flatten(1).mean(1)
 
 
 def dpo_micro_batch(w, l, x0, embeds, policy, opt, args, gen):

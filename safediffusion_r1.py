@@ -69,7 +69,8 @@ class Args:
     """Every flag of the trainer: the field's name is the flag (--group-size for group_size), its default the release's
     value unless its help says otherwise. A fork subclasses it to add its own (fork_dpo.DPOArgs)."""
     # -- models --
-    model: str = flag("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x repo id or local folder", group="models")
+    model: str = flag("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x, SD 2.x or SDXL repo id or local folder",
+                      group="models")
     reward_model: str = flag("ViT-H-14", "OpenCLIP architecture, or local-dir:FOLDER / hf-hub:ORG/NAME")
     reward_pretrained: str = flag("laion2b_s32b_b79k", "OpenCLIP pretrained tag or local weights file")
     reward_checkpoint: str = flag("", "state dict loaded strictly into --reward-model (the release's: HPSv2.1)")
@@ -85,7 +86,8 @@ class Args:
     steering: str = flag("add", "add: n(z + alpha v) (release); project: n(z - (z.v)v + alpha v)",
                          choices=["add", "project"])
     # -- sampling --
-    resolution: int = flag(512, "image side in pixels", group="sampling")
+    resolution: int = flag(0, "image side in pixels; 0 = the model's own (512 SD 1.x, 768 SD 2.x-v, 1024 SDXL)",
+                           group="sampling")
     num_inference_steps: int = flag(50, "DDIM steps T")
     guidance_scale: float = flag(5.0, "classifier-free guidance w, empty prompt as negative")
     eta: float = flag(1.0, "DDIM stochasticity; must be > 0 (eta = 0 has no log-probability)")
@@ -164,7 +166,8 @@ class Args:
 #   prediction eps | abar_t alphas_cumprod[t] | sigma_t std_dev | mu_theta(x_t) next_mean | log pi_theta(x_{t-1} | x_t)
 #   log_prob (the sampler's: old_log_prob; a trajectory's T of them: log_probs) | r rewards | A advantages
 #   | rho = pi_theta / pi_old the ratio | epsilon_clip clip_range | beta kl_coef | pi_ref reference | alpha the
-#   steering strength | v_safe direction | G group_size | T num_inference_steps | W sde_window
+#   steering strength | v_safe direction | G group_size | T num_inference_steps | W sde_window | the UNet's output
+#   model_output (eps, or v under SD 2.x-v's v-prediction)
 class DDIMStep(typing.NamedTuple):
     """ddim_step_with_logprob's result, by position or by name; all float32."""
     next_latents: torch.Tensor  # x_{t-1}               (B, C, h, w)
@@ -198,7 +201,8 @@ def ddim_step_with_logprob(scheduler, eps, timesteps, latents, eta=1.0, next_lat
 
 def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
     """The DDIM step's mean mu_theta(x_t) and std sigma_t (DDIM eq. 12), float32: (B, C, h, w), (B, 1, 1, 1).
-    At eta = 0 sigma_t = 0 and mu is the deterministic DDIM step itself (the SDE window's steps outside it)."""
+    At eta = 0 sigma_t = 0 and mu is the deterministic DDIM step itself (the SDE window's steps outside it).
+    `eps` is the guided UNet output: the noise eps, or v for a v-prediction model (turned into eps here)."""
     # All of the step in float32, whatever autocast ran the UNet in: the log-ratio of the update is a
     # difference of two log-probs of size ~1, and bf16's 3 significant digits would drown it.
     eps, x_t = eps.float(), latents.float()
@@ -208,6 +212,10 @@ def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
     abar, final = schedule_on(scheduler, x_t.device)
     abar_t, abar_prev = abar[t], torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final)
     abar_t, abar_prev = (a.float().view(-1, *[1] * (x_t.ndim - 1)) for a in (abar_t, abar_prev))
+    # SD 2.x-v: the UNet predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, sec. 4), not eps;
+    # with x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps that is eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
+    if scheduler.config.prediction_type == "v_prediction":
+        eps = abar_t.sqrt() * eps + (1 - abar_t).sqrt() * x_t
 
     # DDIM eq. 12: predict x_0, then step toward it with variance sigma_t^2 (eta = 1 is DDPM's variance)
     x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
@@ -229,13 +237,28 @@ def schedule_on(scheduler, device):
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
     """Classifier-free guided eps = eps_u + w (eps_c - eps_u), both halves in one UNet call.
 
-    latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D) -> (B, C, h, w).
+    latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D) -> (B, C, h, w), float32.
+    (A v-prediction UNet's output is v, and so is this; ddim_mean turns it into eps.)
     """
-    b, dtype = latents.shape[0], next(unet.parameters()).dtype  # not unet.dtype: it walks every module, every call
-    embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(dtype)
-    out = unet(torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]), embeds).sample
-    eps_u, eps_c = out.float().chunk(2)
+    b = latents.shape[0]
+    c = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds])
+    eps_u, eps_c = model_output(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), c).chunk(2)
     return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+def model_output(unet, latents, timesteps, c):
+    """One UNet call in its own dtype -> float32 (B, C, h, w): eps, or v for a v-prediction model (SD 2.x-v).
+    c (B, 77, D). SDXL's UNet also takes two added conditions: text_encoder_2's pooled embedding, which encode_prompts
+    packs into a 78th row of c (B, 78, D), zero-padded to D, and the size ids (original size, crop corner, target
+    size), here the image's own size and no crop, as its pipeline sets them by default."""
+    dtype, added = next(unet.parameters()).dtype, None  # not unet.dtype: it walks every module, every call
+    if unet.config.addition_embed_type == "text_time":  # SDXL
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        h, w = latents.shape[-2] * 8, latents.shape[-1] * 8  # the VAE's 8x
+        added = dict(text_embeds=c[:, -1, :pooled].to(dtype),
+                     time_ids=c.new_tensor([h, w, 0, 0, h, w], dtype=dtype).expand(c.shape[0], 6))
+        c = c[:, :-1]
+    return unet(latents.to(dtype), timesteps, c.to(dtype), added_cond_kwargs=added).sample.float()
 
 
 def initial_noise(n, group, shape, generator):
@@ -272,7 +295,7 @@ class Trajectories(typing.TypedDict, total=False):
     final_latents: torch.Tensor  # x_0, the last step's x_{t-1}      (B, C, h, w)
     log_probs: torch.Tensor      # old_log_prob of every step        (B, T); 0 where a step was deterministic
     timesteps: torch.Tensor      # t of every step                   (B, T)
-    prompt_embeds: torch.Tensor  # c                                 (B, 77, D)
+    prompt_embeds: torch.Tensor  # c                                 (B, 77, D); SDXL (B, 78, D) (model_output)
     window: torch.Tensor         # --sde-window's step indices       (W,), only when it is on
     images: torch.Tensor         # decoded x_0 in [0, 1]             (B, 3, H, W), when a VAE is given
 
@@ -347,7 +370,7 @@ def sample_trajectories(prompts, policy, models, args, gen, step):
     training step, from 0) places a sliding window."""
     G, S = args.group_size, args.sample_batch_size
     B = len(prompts) * G
-    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts).repeat_interleave(G, 0)
+    embeds = encode_prompts(models, prompts).repeat_interleave(G, 0)
     shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
     noise = initial_noise(B, G if args.share_noise else 1, shape, gen)  # x_T (B, C, h, w)
     etas, window = sde_window(args, gen, step)  # None, None: every step stochastic (the default)
@@ -811,53 +834,102 @@ def build_tiny_models(seed=0):
 
 
 def load_sd(model):
-    """The SD 1.x parts of a diffusers repo id or folder; DDIM with the model's own betas."""
+    """The parts of a diffusers SD 1.x, SD 2.x or SDXL repo id or folder (SDXL adds tokenizer_2 and text_encoder_2),
+    with DDIM on the model's own betas and prediction type; "force_zeros_for_empty_prompt": SDXL's negative c is
+    zeros, as its pipeline makes it."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    check_sd1_folder(model)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    index = model_index(model)
+    xl = index.get("_class_name") == "StableDiffusionXLPipeline"
     try:
         parts = dict(tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"),
                      text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
                      vae=AutoencoderKL.from_pretrained(model, subfolder="vae"),
                      unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
                      scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler"))
+        if xl:
+            parts.update(tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"),
+                         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2"),
+                         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
     except (OSError, ValueError) as e:  # missing files, or not in the cache while the hub is unreachable
         first = model.split("/")[0]
         if first and not Path(model).exists() and Path(first).is_dir():  # e.g. models/sd-v1-4 under ./models
             raise UsageError(f"--model {model}: no such folder (and no hub model of that name in the cache)") from None
-        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not Path(model, d).is_dir()]
+        needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if xl
+                                                                              else ())
+        missing = [d for d in needed if not Path(model, d).is_dir()]
         if Path(model).exists() and not missing:  # a file in it is cut short or damaged: no download advice
             raise UsageError(f"--model {model}: a file in it cannot be read ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:100]}); copy or download that part again") from None
         if Path(model).exists() or model.startswith((".", "/", "~")):
-            raise UsageError(f"--model {model}: not a diffusers SD 1.x folder (needs unet/, vae/, text_encoder/, "
-                             f"tokenizer/, scheduler/; no {', '.join(missing) or 'folder'})") from None
+            raise UsageError(f"--model {model}: not a diffusers Stable Diffusion folder (needs {', '.join(needed)}; "
+                             f"no {', '.join(missing) or 'folder'})") from None
         raise UsageError(f"cannot load Stable Diffusion '{model}' offline ({type(e).__name__}); download it with "
                          f"`hf download {model} --local-dir models/sd` and pass --model models/sd") from None
-    config = parts["scheduler"].config
-    ignored = [k for k in ("clip_sample", "thresholding") if config.get(k)]
-    if ignored:
-        raise UsageError(f"{model}: its scheduler config sets {' and '.join(ignored)}, which the log-prob DDIM step "
-                         "does not implement; set them to false in scheduler/scheduler_config.json")
-    if config.prediction_type != "epsilon":
-        raise UsageError(f"{model} predicts '{config.prediction_type}'; only epsilon (SD 1.x) models are supported")
+    check_scheduler(model, parts["scheduler"].config)
     return parts
 
 
-def check_sd1_folder(model):
-    """A local SD 2.x (v-prediction) or SDXL folder is refused from its config files, before any weight is read."""
-    folder = Path(model)
-    try:  # (a UsageError is a ValueError: raised outside this try, or a suppress around it would swallow it)
-        kind = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-        prediction = json.loads((folder / "scheduler/scheduler_config.json").read_text()).get("prediction_type")
-    except (OSError, ValueError, AttributeError):
-        return  # not a readable local folder: the loaders say what is wrong with it
-    if kind != "StableDiffusionPipeline":
-        raise UsageError(f"--model {model} is a {kind}; only Stable Diffusion 1.x (StableDiffusionPipeline, "
-                         "epsilon prediction) is supported")
-    if prediction not in (None, "epsilon"):
-        raise UsageError(f"--model {model} predicts '{prediction}' (SD 2.x-v); only epsilon (SD 1.x) models are "
-                         "supported")
+FAMILIES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # SD 1.x and 2.x share the first
+
+
+def model_index(model):
+    """--model's model_index.json (a local folder's, or the hub cache's) as a dict, {} when there is none to read.
+    Another pipeline (SD3, FLUX: flow matching) or a prediction type the DDIM step lacks is refused from its config
+    files, before any weight is read."""
+    from diffusers import DiffusionPipeline
+    index, scheduler = {}, {}
+    # (a UsageError is a ValueError: the checks are raised outside these suppresses, which would swallow them)
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # not readable here: the loaders say why
+        index = dict(DiffusionPipeline.load_config(model))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        scheduler = json.loads(Path(model, "scheduler/scheduler_config.json").read_text())
+    kind = index.get("_class_name", FAMILIES[0])
+    if kind not in FAMILIES:
+        raise UsageError(f"--model {model} is a {kind}; SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL "
+                         "(StableDiffusionXLPipeline) are supported (SD3 and FLUX are flow matching: README)")
+    check_scheduler(model, scheduler if isinstance(scheduler, dict) else {})
+    return index
+
+
+def check_scheduler(model, config):
+    """What the log-prob DDIM step implements: epsilon or v prediction, "leading" spacing, SD's own betas."""
+    ignored = [k for k in ("clip_sample", "thresholding", "rescale_betas_zero_snr") if config.get(k)]
+    if ignored:
+        raise UsageError(f"{model}: its scheduler config sets {' and '.join(ignored)}, which the log-prob DDIM step "
+                         "does not implement; set them to false in scheduler/scheduler_config.json")
+    if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise UsageError(f"--model {model} predicts '{config['prediction_type']}'; the DDIM step takes epsilon "
+                         "(SD 1.x, SD 2.x-base, SDXL) or v_prediction (SD 2.x-v) models")
+    if config.get("timestep_spacing", "leading") != "leading":
+        raise UsageError(f"{model}: its scheduler config sets timestep_spacing '{config['timestep_spacing']}'; the "
+                         "DDIM step takes SD's 'leading' spacing (set it in scheduler/scheduler_config.json)")
+
+
+def model_family(models):
+    """SDXL, SD 2.x or SD 1.x, as a label (SD 2.x's UNet is the one with linear projections in its attention)."""
+    if "text_encoder_2" in models:
+        family = "SDXL"
+    else:
+        family = "SD 2.x" if models["unet"].config.use_linear_projection else "SD 1.x"
+    return family + ("-v" if models["scheduler"].config.prediction_type == "v_prediction" else "")
+
+
+def native_resolution_of(model):
+    """native_resolution from --model's config files alone (a folder or the hub cache), before any weight loads;
+    512 where they cannot be read (the loaders then say why)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    try:
+        unet, vae = (c.load_config(model, subfolder=f) for c, f in ((UNet2DConditionModel, "unet"),
+                                                                      (AutoencoderKL, "vae")))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+
+
+def native_resolution(models):
+    """The model's own image side: its UNet's sample size times the VAE's downsampling (512, 768 or 1024 px)."""
+    return models["unet"].config.sample_size * 2 ** (len(models["vae"].config.block_out_channels) - 1)
 
 
 def load_reward_model(arch, pretrained, checkpoint=""):
@@ -922,11 +994,29 @@ def cast(module, dtype):
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts):
-    """(N,) prompts -> (N, 77, D) CLIP hidden states, truncated at 77 tokens as diffusers does."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+def encode_prompts(models, prompts):
+    """(N,) prompts -> the conditioning c, truncated at 77 tokens as diffusers does. SD 1.x and 2.x: the text
+    encoder's last hidden states (N, 77, D). SDXL (N, 78, D1 + D2), as its pipeline builds them: both encoders'
+    penultimate hidden states side by side, and a 78th row holding text_encoder_2's pooled projection, zero-padded
+    (model_output unpacks it). `models`: a dict with tokenizer and text_encoder (SDXL: tokenizer_2, text_encoder_2)."""
+    def run(tokenizer, text_encoder):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        return text_encoder(ids.to(text_encoder.device), output_hidden_states="text_encoder_2" in models)
+    if "text_encoder_2" not in models:
+        return run(models["tokenizer"], models["text_encoder"])[0]
+    first = run(models["tokenizer"], models["text_encoder"]).hidden_states[-2]  # (N, 77, D1)
+    second = run(models["tokenizer_2"], models["text_encoder_2"])
+    hidden = torch.cat([first, second.hidden_states[-2].to(first)], -1)  # (N, 77, D1 + D2)
+    pooled = torch.nn.functional.pad(second.text_embeds, (0, hidden.shape[-1] - second.text_embeds.shape[-1]))
+    return torch.cat([hidden, pooled[:, None].to(hidden)], 1)
+
+
+def negative_embeds(models):
+    """c of the empty prompt, the negative of classifier-free guidance (1, 77, D); zeros where the model's pipeline
+    makes them so (SDXL's force_zeros_for_empty_prompt)."""
+    c = encode_prompts(models, [""])
+    return torch.zeros_like(c) if models.get("force_zeros_for_empty_prompt") else c
 
 
 @torch.no_grad()
@@ -969,17 +1059,19 @@ def setup_policy(models, args, device, world=1, reference=False):
     set_checkpointing(unet, args.gradient_checkpointing is not False)  # unset: on until memory_plan decides
     if reference is not None:
         reference.to(device)  # already in `dtype`, its norm layers in fp32 (frozen_reference)
-    for name in ("vae", "text_encoder"):
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        if name not in models:
+            continue
         models[name].requires_grad_(False).to(device)
-        if dtype != torch.float32:
-            cast(models[name], dtype)  # only ever run: stored in the autocast dtype
+        if dtype != torch.float32 and not (name == "vae" and dtype == torch.float16 and "text_encoder_2" in models):
+            cast(models[name], dtype)  # only ever run: stored in the autocast dtype (SDXL's VAE overflows in fp16)
     params = [p for p in unet.parameters() if p.requires_grad]
     # fused AdamW on GPU: one kernel, and none of the foreach version's full-size temporaries (+3.2 GiB for SD's UNet)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                                   fused=device.type == "cuda")
     policy = Policy(unet=unet, reference=reference, scheduler=models["scheduler"],
-                    negative_embeds=encode_prompts(models["tokenizer"], models["text_encoder"], [""]),
+                    negative_embeds=negative_embeds(models),
                     autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no"))
     return policy, OptimState(params=params, optimizer=optimizer, world=world,
                               scaler=torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16"))
@@ -989,6 +1081,19 @@ def setup_policy(models, args, device, world=1, reference=False):
 GIB = 2**30
 AUTO_MICRO = 2  # --train-batch-size auto keeps the update of micro-batches of 2 (a 24 GB card's plan)
 FAST_MICRO = 8  # 16 images per UNet call: sampling's shape, ~19% of an H200 where micro-batches of 2 reached ~5%
+
+
+def check_fits(args, n_params, capacity):
+    """Refuse a full fine-tune whose fp32 weights, gradients and AdamW moments alone (16 bytes a parameter, + 2 for
+    the bf16 reference with --kl-coef) outgrow the card (`capacity` bytes; None: no GPU, nothing to refuse): SDXL's
+    2.6 B-parameter UNet needs ~43 GiB before a single activation. LoRA trains a few million parameters instead."""
+    need = n_params * (16 + 2 * (args.kl_coef > 0))
+    if args.lora_rank or capacity is None or need < capacity:
+        return
+    raise UsageError(f"a full fine-tune of this {n_params / 1e9:.1f} B-parameter UNet needs {need / GIB:.0f} GiB for "
+                     f"its weights, gradients and AdamW state alone, more than the {capacity / GIB:.0f} GiB here: "
+                     f"train LoRA (--lora-rank 64: the 24 GB plan, README) or use a card with over "
+                     f"{need / GIB + 16:.0f} GiB")
 
 
 def set_checkpointing(unet, on):
@@ -1147,13 +1252,16 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
         anchors = read_lines(args.safe_anchors, "safe anchors"), read_lines(args.unsafe_anchors, "unsafe anchors")
     grid = read_grid_prompts(args.grid_prompts)
     val = read_grid_prompts(args.val_prompts) if args.eval_every else None
-    if args.max_memory_gib and device.type == "cuda":  # the allocator refuses past the cap, as on a smaller card
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GIB / total), device)
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    if args.max_memory_gib and capacity:  # the allocator refuses past the cap, as on a smaller card
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GIB / capacity), device)
+        capacity = min(capacity, args.max_memory_gib * GIB)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
     models = models or load_models(args, reward=reward_fn is None)
+    args = dataclasses.replace(args, resolution=args.resolution or native_resolution(models))  # 0: the model's own
+    check_fits(args, sum(p.numel() for p in models["unet"].parameters()), capacity)  # before any weight moves there
     policy, opt = setup_policy(models, args, device, world, reference=objective.needs_reference)
     opt.before_update = keep_steps_done(stop, policy, opt, rank)
     if reward_fn is None:
@@ -1168,6 +1276,7 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
     resume, start = resume_newest(claim.candidates, policy, opt, gen, args, rank)
     asked = args  # args.json records the flags as given (auto), and the plan made of them for this device beside them
     args, plan = memory_plan(args, policy, opt, device)
+    say(model_line(args, models, sum(p.numel() for p in opt.params), capacity))
     say(step_summary(args, world, sum(p.numel() for p in opt.params)))
     say(plan_line(plan, previous_plan(run_dir) if start and rank == 0 else None))
     if args.tiny:
@@ -1297,6 +1406,17 @@ def draw_prompts(pool, k, gen):
     return [pool[i] for i in torch.randint(len(pool), (k,), generator=gen)] if k else []
 
 
+def model_line(args, models, n_trainable, capacity):
+    """One line: the base model, its image size, and what trains (the plan and why it fits)."""
+    n = sum(p.numel() for p in models["unet"].parameters()) - (n_trainable if args.lora_rank else 0)
+    need = n * (16 + 2 * (args.kl_coef > 0))  # check_fits' count
+    fits = f", {need / GIB:.1f} of the {capacity / GIB:.0f} GiB here" if capacity else ""
+    trains = (f"LoRA rank {args.lora_rank} ({n_trainable / 1e6:,.1f} M parameters; the UNet's {n / 1e6:,.1f} M "
+              "frozen)" if args.lora_rank else f"the full UNet ({n / 1e6:,.1f} M parameters: fp32 weights, gradients "
+              f"and AdamW{fits})")
+    return f"model: {model_family(models)} at {args.resolution} px | trains {trains}"
+
+
 def step_summary(args, world, n_trainable):
     """One line: how a step's trajectories split into sampling batches, micro-batches and optimizer steps."""
     P, G, S, B = args.prompts_per_step, args.group_size, args.sample_batch_size, args.prompts_per_step * args.group_size
@@ -1365,7 +1485,7 @@ def check_divergence(bad_steps, step, limit, say):
 def sample_grid(path, policy, models, prompts, n_unsafe, args, step=0):
     """Fixed prompts and a fixed seed, so grids of successive steps show the same images evolving. The first
     `n_unsafe` prompts are marked as unsafe, the rest as benign; step 0 is the model before training."""
-    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], prompts)
+    embeds = encode_prompts(models, prompts)
     out = sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
                               num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                               eta=args.eta, resolution=args.resolution, vae=models["vae"], autocast=policy.autocast,
@@ -1880,7 +2000,7 @@ def validate(run, step):
     t, args, (prompts, n_unsafe) = time.time(), run.args, run.val
     models, policy, S = run.models, run.policy, run.args.sample_batch_size
     asked = [p for p in prompts for _ in range(VAL_IMAGES)]
-    embeds = encode_prompts(models["tokenizer"], models["text_encoder"], asked)
+    embeds = encode_prompts(models, asked)
     gen = torch.Generator().manual_seed(args.seed + 1)
     rewards = torch.cat([run.reward_fn(sample_with_logprob(
         policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds, generator=gen, vae=models["vae"],

@@ -25,13 +25,13 @@ import tokenize
 import types
 from pathlib import Path
 
-import numpy as np
-import open_clip
-import pytest
-import torch
-from torch.distributions import Normal, kl_divergence
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports huggingface_hub, which reads it once
+import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.distributions import Normal, kl_divergence  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import eval as ev  # noqa: E402
 import fork_dpo  # noqa: E402
 import safediffusion_r1 as sd  # noqa: E402
@@ -83,9 +83,11 @@ def tiny_pipeline(unet=None):
 # Sampler
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.quick
-@pytest.mark.parametrize("eta, alpha_to_one", [(0.5, False), (1.0, False), (1.0, True)])
-def test_ddim_step_matches_diffusers_at_every_timestep(eta, alpha_to_one):
-    ours, ref = sd.sd_scheduler(set_alpha_to_one=alpha_to_one), sd.sd_scheduler(set_alpha_to_one=alpha_to_one)
+@pytest.mark.parametrize("eta, alpha_to_one, prediction", [(0.5, False, "epsilon"), (1.0, False, "epsilon"),
+                                                             (1.0, True, "epsilon"), (1.0, False, "v_prediction")])
+def test_ddim_step_matches_diffusers_at_every_timestep(eta, alpha_to_one, prediction):
+    """For each prediction type (SD 2.x-v's UNet outputs v): the step's mean, its noise, and at eta 0 the step."""
+    ours, ref = (sd.sd_scheduler(set_alpha_to_one=alpha_to_one, prediction_type=prediction) for _ in range(2))
     ours.set_timesteps(50)
     ref.set_timesteps(50)
     g = torch.Generator().manual_seed(0)
@@ -96,6 +98,8 @@ def test_ddim_step_matches_diffusers_at_every_timestep(eta, alpha_to_one):
         with_noise = ref.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
         torch.testing.assert_close(mean, no_noise, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mean + std * noise, with_noise, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sd.ddim_mean(ours, eps, t, x, 0.0)[0], ref.step(eps, t, x, eta=0.0).prev_sample,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.quick
@@ -164,7 +168,7 @@ def test_eta_zero_is_refused():
 
 @pytest.mark.quick
 def test_rescoring_a_sampled_trajectory_gives_ratio_one(tiny):
-    enc = lambda p: sd.encode_prompts(tiny["tokenizer"], tiny["text_encoder"], p)  # noqa: E731
+    enc = lambda p: sd.encode_prompts(tiny, p)  # noqa: E731
     embeds, neg = enc(["a cat", "a dog", "a car", "a tree"]), enc([""])
     out = sd.sample_with_logprob(tiny["unet"], tiny["scheduler"], embeds, neg, num_inference_steps=5,
                                  guidance_scale=4.5, generator=torch.Generator().manual_seed(0), resolution=64,
@@ -451,7 +455,7 @@ def test_grpo_update_before_any_step_ratio_one_kl_exact_and_everything_aligned(m
     if perturb_reference:
         with torch.no_grad():
             next(p for p in reference.parameters() if p.dtype == torch.bfloat16).add_(0.05)
-    embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
+    embeds = sd.encode_prompts(m, ["a cat", "a dog"]).repeat_interleave(4, 0)
     traj = sd.sample_with_logprob(unet, sch, embeds, neg, num_inference_steps=4, guidance_scale=4.5, resolution=64,
                                   generator=torch.Generator().manual_seed(0), autocast=autocast)
     advantages = torch.linspace(-1, 1, 8)
@@ -693,6 +697,201 @@ def test_training_resume_export_and_eval_run_through_the_real_formats(real_forma
 
 
 # ------------------------------------------------------------------------------------------------
+# Other base models: SD 2.x-v and SDXL stand-ins in their real layouts (configs as on the hub, tiny sizes)
+# ------------------------------------------------------------------------------------------------
+# stabilityai/stable-diffusion-2-1's model_index.json and scheduler config, and stable-diffusion-xl-base-1.0's.
+SD21_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.10.0.dev0",
+              "feature_extractor": ["transformers", "CLIPImageProcessor"], "requires_safety_checker": False,
+              "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+SDXL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
+              "force_zeros_for_empty_prompt": True, "add_watermarker": None,
+              "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                  "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                  "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                  "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+FAMILY_SIZE = 128  # the stand-ins' native image side: sample_size 16 x the VAE's 8
+
+
+def standin_text_encoder(hidden, projection=0, seed=0):
+    """A tiny CLIP text tower with SD 2.x / SDXL's config choices (gelu; SD 2.x's and OpenCLIP's pad token)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+                         projection_dim=projection or hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def save_standin_tokenizer(folder, pad):
+    """The CLIP vocabulary in the slow-tokenizer files the hub ships; SD 2.x and SDXL's tokenizer_2 pad with '!'."""
+    from transformers import CLIPTokenizer
+    sd.clip_tokenizer(folder)  # writes vocab.json and merges.txt
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad,
+                  model_max_length=77).save_pretrained(folder)
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+
+
+def save_standin(folder, index, scheduler, unet, vae, encoders):
+    """Write a diffusers folder: model_index.json, scheduler/, and each part with trained-like weights; `encoders`:
+    folder name -> (text encoder, its tokenizer's pad token)."""
+    from transformers import CLIPImageProcessor
+    trained_like(unet, vae, *(encoder for encoder, _ in encoders.values()))
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    for name, (encoder, pad) in encoders.items():
+        encoder.save_pretrained(folder / name)
+        save_standin_tokenizer(folder / name.replace("text_encoder", "tokenizer"), pad)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler))
+    (folder / "model_index.json").write_text(json.dumps(index))
+    if "feature_extractor" in index:
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(folder / "feature_extractor")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, real_format):
+    """{"SD 2.x-v", "SD 2.x" (-base), "SDXL": folder; "clip": the OpenCLIP stand-in}: tiny models in real layouts,
+    built here from diffusers' and transformers' classes (independently of the code under test's builders)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    root = tmp_path_factory.mktemp("families")
+    torch.manual_seed(7)
+    blocks = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                  attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+
+    def vae(**kw):
+        return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
+                             norm_num_groups=4, **kw)
+    sd2 = UNet2DConditionModel(**blocks, cross_attention_dim=48, upcast_attention=True,
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    save_standin(root / "sd-2-1", SD21_INDEX, SD21_SCHEDULER, sd2, vae(),
+                 {"text_encoder": (standin_text_encoder(48, seed=1), "!")})
+    # SDXL: cross-attention on both encoders' hidden states side by side (32 + 48), the added conditions the pooled
+    # projection (40) and six size ids of 8 sinusoidal dims each; its first level has no attention, as SDXL's
+    xl = UNet2DConditionModel(**blocks, cross_attention_dim=80, addition_embed_type="text_time",
+                              addition_time_embed_dim=8, projection_class_embeddings_input_dim=40 + 6 * 8,
+                              transformer_layers_per_block=(1, 2), down_block_types=("DownBlock2D",
+                                                                                     "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    save_standin(root / "sdxl-base-1.0", SDXL_INDEX, SDXL_SCHEDULER, xl, vae(scaling_factor=0.13025, force_upcast=True),
+                 {"text_encoder": (standin_text_encoder(32, seed=2), "<|endoftext|>"),
+                  "text_encoder_2": (standin_text_encoder(48, projection=40, seed=3), "!")})
+    shutil.copytree(root / "sd-2-1", root / "sd-2-1-base")  # SD 2.1-base: the same files, epsilon prediction
+    (root / "sd-2-1-base/scheduler/scheduler_config.json").write_text(json.dumps(dict(SD21_SCHEDULER,
+                                                                                      prediction_type="epsilon")))
+    return {"SD 2.x-v": root / "sd-2-1", "SD 2.x": root / "sd-2-1-base", "SDXL": root / "sdxl-base-1.0",
+            "clip": real_format["clip"]}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("family", ["SD 2.x-v", "SD 2.x", "SDXL"])
+def test_each_family_s_sampler_at_eta_0_is_its_own_pipeline(families, family):
+    """Recognised from the config files; at eta 0 (every step deterministic DDIM) our sampler's x_0 is the stock
+    pipeline's latents: the prompt encoding, the negative, SDXL's added conditions, v -> eps all as diffusers does."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+    folder = families[family]
+    models = sd.load_sd(str(folder))
+    assert sd.model_family(models) == family and sd.native_resolution(models) == FAMILY_SIZE
+    assert sd.native_resolution_of(str(folder)) == FAMILY_SIZE
+    prompts, T, w = ["a cat on a mat", "a red bicycle"], 4, 5.0
+    latents = torch.randn(2, 4, FAMILY_SIZE // 8, FAMILY_SIZE // 8, generator=torch.Generator().manual_seed(0))
+    ours = sd.sample_with_logprob(models["unet"], models["scheduler"], sd.encode_prompts(models, prompts),
+                                  sd.negative_embeds(models), num_inference_steps=T, guidance_scale=w, etas=[0.0] * T,
+                                  latents=latents)["final_latents"]
+    ddim = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    pipe = DiffusionPipeline.from_pretrained(folder, scheduler=ddim)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts, num_inference_steps=T, guidance_scale=w, eta=0.0, latents=latents, output_type="latent",
+                  height=FAMILY_SIZE, width=FAMILY_SIZE).images
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert (ours - latents).abs().mean() > 0.1  # the sampler moved: the comparison is not of two copies of x_T
+
+
+def family_argv(families, family, tmp_path, *extra):
+    return ["--model", str(families[family]), "--reward-model", f"local-dir:{families['clip']}",
+            "--num-inference-steps", "3", "--prompts-per-step", "2", "--group-size", "2", "--sample-batch-size", "4",
+            "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--mixed-precision", "bf16",
+            "--save-every", "1", "--sample-every", "100",
+            "--device", "cpu", "--output-dir", str(tmp_path / "runs"), *extra]
+
+
+def tiny_scorer_clip(monkeypatch):
+    """eval.py's CLIP (ViT-L/14, OpenAI weights) replaced by a random one with its 768-d embedding: no download."""
+    monkeypatch.setattr(ev, "load_clip", lambda args: sd.tiny_clip(768, 0, quick_gelu=True))
+
+
+@pytest.mark.parametrize("family", ["SD 2.x-v", "SDXL"])
+def test_each_family_trains_resumes_exports_and_evaluates_as_a_user_runs_it(families, family, tmp_path, monkeypatch,
+                                                                            capsys):
+    """No --tiny, the real loaders, bf16 and KL: the model's own resolution, an exact resume, an export the family's
+    pipeline loads, and eval.py on it at the model's resolution, labelled with the base model."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    argv = family_argv(families, family, tmp_path, "--kl-coef", "0.01")
+    sd.main(argv + ["--steps", "3", "--run-name", "whole"])
+    assert f"model: {family} at {FAMILY_SIZE} px | trains the full UNet" in capsys.readouterr().out
+    sd.main(argv + ["--steps", "2", "--run-name", "cut"])
+    sd.main(argv + ["--steps", "3", "--run-name", "cut", "--resume", "auto"])
+    runs = tmp_path / "runs"
+    assert json.loads((runs / "cut/args.json").read_text())["resolution"] == FAMILY_SIZE  # the model's, resolved
+    whole, cut = (UNet2DConditionModel.from_pretrained(runs / r / "final/unet") for r in ("whole", "cut"))
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), cut.state_dict().values()))
+    saved = UNet2DConditionModel.from_pretrained(families[family] / "unet")
+    assert not all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), saved.state_dict().values()))
+    pipe = DiffusionPipeline.from_pretrained(families[family], unet=whole)  # the stock pipeline takes the export
+    assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if family == "SDXL" else "StableDiffusionPipeline")
+    tiny_scorer_clip(monkeypatch)
+    out = tmp_path / "eval"
+    ev.main(["--model", str(families[family]), "--unet", str(runs / "whole/final"), "--benchmark", "coco", "--limit",
+             "2", "--num-inference-steps", "2", "--device", "cpu", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    assert result["coco"]["base"] == family and ev.model_label(result).endswith(f"({family})")
+    assert f"({family})" in (out / "results.md").read_text()
+    assert result["coco"]["settings"]["resolution"] == FAMILY_SIZE
+    from PIL import Image
+    assert Image.open(next((out / "coco/images").iterdir())).size == (FAMILY_SIZE, FAMILY_SIZE)
+    fork_dpo.main(argv + ["--steps", "1", "--run-name", "dpo"])  # the fork runs on the family unchanged
+    assert [r["step"] for r in metrics(runs / "dpo")] == [1] and math.isfinite(metrics(runs / "dpo")[0]["err_w"])
+
+
+def test_sdxl_trains_lora_and_a_full_fine_tune_that_cannot_fit_is_refused(families, tmp_path, monkeypatch, capsys):
+    """SDXL's 24 GB plan (LoRA) exports weights its pipeline's load_lora_weights takes, and eval.py's --lora; a full
+    fine-tune past the card is refused before any weight moves, with the way out."""
+    from diffusers import StableDiffusionXLPipeline
+    sd.main(family_argv(families, "SDXL", tmp_path, "--steps", "1", "--run-name", "lora", "--lora-rank", "4"))
+    assert "model: SDXL at 128 px | trains LoRA rank 4" in capsys.readouterr().out
+    pipe = StableDiffusionXLPipeline.from_pretrained(families["SDXL"])
+    pipe.load_lora_weights(tmp_path / "runs/lora/final")
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    tiny_scorer_clip(monkeypatch)
+    ev.main(["--model", str(families["SDXL"]), "--lora", str(tmp_path / "runs/lora/final"), "--benchmark", "coco",
+             "--limit", "1", "--num-inference-steps", "2", "--device", "cpu", "--out", str(tmp_path / "eval")])
+    assert json.loads((tmp_path / "eval/results.json").read_text())["coco"]["lora"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # SDXL's LoRA on SD 2.x: one line, not diffusers' list of every mismatch
+        ev.main(["--model", str(families["SD 2.x-v"]), "--lora", str(tmp_path / "runs/lora/final"), "--benchmark",
+                 "coco", "--limit", "1", "--device", "cpu", "--out", str(tmp_path / "eval2")])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "Loading" not in x]  # not the bars
+    assert e.value.code == 2 and len(err) == 1 and "does not load into --model's UNet (size mismatch" in err[0]
+    args = sd.parse_args(["--kl-coef", "0.01"])
+    with pytest.raises(sd.UsageError, match="needs 43 GiB .* than the 24 GiB here: train LoRA \\(--lora-rank 64"):
+        sd.check_fits(args, 2_567_463_684, 24 * sd.GIB)  # SDXL base 1.0's UNet
+    sd.check_fits(args, 859_520_964, 24 * sd.GIB)  # SD 1.x's fits: 14 GiB
+    sd.check_fits(dataclasses.replace(args, lora_rank=64), 2_567_463_684, 24 * sd.GIB)
+
+
+# ------------------------------------------------------------------------------------------------
 # The command line: bad input gets one line and exit code 2, and nothing is written
 # ------------------------------------------------------------------------------------------------
 def run_main(tmp_path, *argv):
@@ -711,7 +910,7 @@ def run_main(tmp_path, *argv):
     (["--tiny", "--timestep-fraction", "1.5"], "--timestep-fraction"),
     (["--tiny", "--learning-rate", "-1"], "--learning-rate"),
     (["--tiny", "--negative-prompts", "/nonexistent/neg.txt"], "negative prompts file not found"),
-    (["--model", "/nonexistent/sd-model"], "not a diffusers SD 1.x folder"),
+    (["--model", "/nonexistent/sd-model"], "not a diffusers Stable Diffusion folder"),
     (["--model", "nonexistent-org/no-such-model"], "hf download nonexistent-org/no-such-model"),
     (["--tiny", "--negative-prompts", str(HERE)], "is a folder"),
     (["--tiny", "--checkpoints-total-limit", "-1"], "--checkpoints-total-limit"),
@@ -1172,8 +1371,8 @@ def fake_trajectories(B, T=4, seed=0):
     """Trajectories sampled by the tiny model itself, so old log-probs are the policy's own; -> (traj, advantages)."""
     m = sd.build_tiny_models(seed=0)
     g = torch.Generator().manual_seed(seed)
-    emb = sd.encode_prompts(m["tokenizer"], m["text_encoder"], [f"prompt {i}" for i in range(B)])
-    neg = sd.encode_prompts(m["tokenizer"], m["text_encoder"], [""])
+    emb = sd.encode_prompts(m, [f"prompt {i}" for i in range(B)])
+    neg = sd.encode_prompts(m, [""])
     traj = sd.sample_with_logprob(m["unet"], m["scheduler"], emb, neg, num_inference_steps=T, guidance_scale=4.5,
                                   generator=g, resolution=64)
     return traj, torch.randn(B, generator=g).clamp(-2.5, 2.5)
@@ -1363,7 +1562,7 @@ def test_prime_optimizer_creates_adams_state_without_moving_a_weight():
 
 
 def test_gpu_check_runs_every_stage_and_measures_the_default_s_peak_with_its_optimizer_state(tmp_path, monkeypatch):
-    """bench.py --gpu-check --tiny runs each of the seven stages and writes its figures; the steps hold the default's
+    """bench.py --gpu-check --tiny runs each of the eight stages and writes its figures; the steps hold the default's
     64 trajectories with AdamW's state created before the update (a real run holds it from its second optimizer step
     on); the run folders are deleted; no CUDA and no --tiny: exit 2 in one line."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -1372,7 +1571,8 @@ def test_gpu_check_runs_every_stage_and_measures_the_default_s_peak_with_its_opt
     n_params = sum(p.numel() for p in sd.build_tiny_models()["unet"].parameters())
     assert result["held"]["trajectories_held"] == 64 and result["held"]["optimizer_state_before_step"]
     assert result["held"]["optimizer_state_gib"] * 2**30 >= 8 * n_params  # exp_avg + exp_avg_sq in fp32
-    assert [c["passed"] for c in result["checks"]] == [True] * 5 and result["matmul_tflops"] > 0
+    assert [c["passed"] for c in result["checks"]] == [True] * 6 and result["matmul_tflops"] > 0
+    assert result["sdxl"]["plan"]["optimizer_batch"] == 8 and result["sdxl"]["row"]["seconds_train"] > 0
     assert result["today"]["plan"]["train_batch_size"] == 2 and result["auto"]["plan"]["how"].startswith("auto")
     for plan in ("today", "auto"):
         rate, projected = result["rate"][plan], result["projection"][plan]
@@ -1429,7 +1629,7 @@ def stale_update(mode, monkeypatch, *argv):
                                     "--gradient-accumulation-steps", "2", "--clip-range", "1e-4",
                                     "--old-log-prob", mode, *argv)
     m = sd.build_tiny_models(seed=0)
-    embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
+    embeds = sd.encode_prompts(m, ["a cat", "a dog"]).repeat_interleave(4, 0)
     traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
                                   num_inference_steps=3, guidance_scale=4.5, resolution=64,
                                   generator=torch.Generator().manual_seed(0), autocast=policy.autocast)
@@ -1488,7 +1688,7 @@ def test_micro_batches_of_2_and_8_give_the_same_accumulated_gradient(monkeypatch
         policy, opt, args = tiny_policy("--num-inference-steps", "3", "--train-batch-size", micro,
                                         "--gradient-accumulation-steps", accumulation, "--kl-coef", "0.1")
         m = sd.build_tiny_models(seed=0)
-        embeds = sd.encode_prompts(m["tokenizer"], m["text_encoder"], ["a cat", "a dog"]).repeat_interleave(4, 0)
+        embeds = sd.encode_prompts(m, ["a cat", "a dog"]).repeat_interleave(4, 0)
         traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
                                       num_inference_steps=3, guidance_scale=4.5, resolution=64,
                                       generator=torch.Generator().manual_seed(0))
@@ -2052,18 +2252,21 @@ def test_flag_prefixes_are_refused_and_help_says_what_tiny_changes():
 
 
 @pytest.mark.quick
-def test_sd2_v_prediction_and_sdxl_folders_are_refused_before_any_weight_loads(tmp_path, monkeypatch):
-    """The check raised its UsageError inside a suppress(ValueError), which swallowed it: the folders failed later,
-    on their weights (and the old test matched the kind in the folder's own path)."""
+def test_other_pipelines_and_schedulers_are_refused_before_any_weight_loads(tmp_path, monkeypatch):
+    """SD3 / FLUX (flow matching), a prediction type or a timestep spacing the DDIM step lacks: refused from the
+    config files. (The old check raised inside a suppress(ValueError), which swallowed it.)"""
     from diffusers import UNet2DConditionModel
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
-    for i, (kind, prediction, message) in enumerate((
-            ("StableDiffusionXLPipeline", "epsilon", "is a StableDiffusionXLPipeline; only Stable Diffusion 1.x"),
-            ("StableDiffusionPipeline", "v_prediction", "predicts 'v_prediction' \\(SD 2.x-v\\)"))):
+    for i, (kind, scheduler, message) in enumerate((
+            ("StableDiffusion3Pipeline", {}, "is a StableDiffusion3Pipeline; SD 1.x, SD 2.x .* flow matching"),
+            ("FluxPipeline", {}, "is a FluxPipeline"),
+            ("StableDiffusionPipeline", {"prediction_type": "sample"}, "predicts 'sample'; the DDIM step takes"),
+            ("StableDiffusionXLPipeline", {"timestep_spacing": "trailing"}, "timestep_spacing 'trailing'"),
+            ("StableDiffusionPipeline", {"rescale_betas_zero_snr": True}, "sets rescale_betas_zero_snr"))):
         folder = tmp_path / f"model{i}"
         (folder / "scheduler").mkdir(parents=True)
         (folder / "model_index.json").write_text(json.dumps({"_class_name": kind}))
-        (folder / "scheduler/scheduler_config.json").write_text(json.dumps({"prediction_type": prediction}))
+        (folder / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler))
         with pytest.raises(sd.UsageError, match=message):
             sd.load_sd(str(folder))
     (tmp_path / "models").mkdir()
@@ -2414,7 +2617,7 @@ def test_the_window_is_the_only_stochastic_scored_and_trained_part(tiny, monkeyp
     gen = torch.Generator().manual_seed(3)
     etas, window = sd.sde_window(args, gen, 0)
     assert len(window) == 2 and window[-1] <= 4 and etas == [1.0 if i in window else 0.0 for i in range(6)]
-    embeds = sd.encode_prompts(tiny["tokenizer"], tiny["text_encoder"], ["a", "b"]).repeat_interleave(4, 0)
+    embeds = sd.encode_prompts(tiny, ["a", "b"]).repeat_interleave(4, 0)
     traj = sd.sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds, num_inference_steps=6,
                                   guidance_scale=4.5, resolution=64, generator=gen, etas=etas)
     outside = [i for i in range(6) if i not in window]
@@ -2452,7 +2655,7 @@ def test_the_ode_tail_leaves_the_window_as_it_was_and_solves_the_rest_as_ddim_do
     args = sd.parse_args(SMALL + ["--num-inference-steps", "10", "--sde-window", "1", "--share-noise"])
     policy, opt = sd.setup_policy(sd.build_tiny_models(seed=0), args, torch.device("cpu"))
     trained_like(policy.unet)
-    embeds = sd.encode_prompts(tiny["tokenizer"], tiny["text_encoder"], ["a red circle", "a blue square"])
+    embeds = sd.encode_prompts(tiny, ["a red circle", "a blue square"])
     etas, window = sd.sde_window(args, None, 0)
 
     def sample(ode=None):
@@ -2572,3 +2775,7 @@ def test_flops_per_step_count_sampling_of_every_step_and_training_of_the_kept_on
     ode = rows["fast mode --ode-steps 10 (DPM-Solver++)"]  # the window's one DDIM step, then 10 solver steps
     assert ode["sampled_steps"] == 11 and ode["flops"] == pytest.approx(64 * 11 * pair + 64 * 1 * train)
     assert ode["flops_sample"] == pytest.approx(64 * 11 * pair) and ode["hours_2400"] < 24  # at the stated rate
+    xl_pair = r["sdxl_cfg_pair_forward"]  # SDXL's UNet at 1024 px: ~8.4x SD 1.x's at 512 px
+    assert xl_pair / pair == pytest.approx(8.42, rel=1e-2) and r["sdxl_cfg_pair_forward_backward"] > 2 * xl_pair
+    xl = rows["SDXL LoRA: fast mode --ode-steps 10"]
+    assert xl["flops"] == pytest.approx(64 * 11 * xl_pair + 64 * (r["sdxl_cfg_pair_forward_backward"] + 2 * xl_pair))

@@ -398,11 +398,10 @@ def generate(parts, prompts, seed, batch=96, sampling=TOY_SAMPLING):
     """Images of the trained policy's own sampler (stochastic DDIM, eta 1, the settings RL trains with), from one
     CPU generator seeded with `seed`: the same prompts and seed give the same noise for any model."""
     gen = torch.Generator().manual_seed(seed)
-    tok, te = parts["tokenizer"], parts["text_encoder"]
-    negative = sd.encode_prompts(tok, te, [""])
+    negative = sd.negative_embeds(parts)
     images = []
     for i in range(0, len(prompts), batch):
-        embeds = sd.encode_prompts(tok, te, prompts[i:i + batch])
+        embeds = sd.encode_prompts(parts, prompts[i:i + batch])
         out = sd.sample_with_logprob(parts["unet"], parts["scheduler"], embeds, negative, generator=gen,
                                      vae=parts["vae"], **sampling)
         images.append(out["images"])
