@@ -306,15 +306,15 @@ def cfg_pair_flops(sdxl=False):
     return forward.get_total_flops(), both.get_total_flops()
 
 
-def bench_flops():
+def bench_flops(sdxl=True):
     """FLOPs of one step of the real default config and of each fast recipe, counted by torch's FLOP counter on SD
     1.x's UNet architecture (and SDXL's, LoRA) on the meta device (no memory, no arithmetic: seconds on any machine).
     A step samples B x T CFG pairs (every step runs the UNet, deterministic or not) and trains B x K timesteps, each a
     forward and backward pair, a checkpoint recompute and (KL on) a reference forward; decoding and the reward are
-    ~0.1%."""
-    pairs = {False: cfg_pair_flops(), True: cfg_pair_flops(sdxl=True)}
+    ~0.1%. sdxl=False: SD 1.x's rows alone."""
+    pairs = {False: cfg_pair_flops(), True: cfg_pair_flops(sdxl=True) if sdxl else (None, None)}
     rows = []
-    for name, argv in {**FAST_RECIPES, **SDXL_RECIPES}.items():
+    for name, argv in {**FAST_RECIPES, **(SDXL_RECIPES if sdxl else {})}.items():
         a = sd.parse_args(argv)
         pair, pair_train = pairs[name.startswith("SDXL")]
         B, T, K = a.prompts_per_step * a.group_size, a.num_inference_steps, sd.trained_timesteps(a)
@@ -745,7 +745,7 @@ def flops_lines(fl):
     """bench_flops()'s result -> the printed lines: the counted CFG pair, then per recipe its FLOPs per step, its
     share of the default's and the predicted hours."""
     xl = (f"; SDXL's at 1024 px: forward {fl['sdxl_cfg_pair_forward'] / 1e12:.2f}, + LoRA's backward "
-          f"{fl['sdxl_cfg_pair_forward_backward'] / 1e12:.2f}") if "sdxl_cfg_pair_forward" in fl else ""  # older files
+          f"{fl['sdxl_cfg_pair_forward_backward'] / 1e12:.2f}") if fl.get("sdxl_cfg_pair_forward") else ""
     lines = [f"flops    SD 1.x UNet, one CFG pair at 512 px: forward {fl['cfg_pair_forward'] / 1e12:.2f} TFLOP, "
              f"forward + backward {fl['cfg_pair_forward_backward'] / 1e12:.2f}{xl}; hours at an assumed "
              f"{fl['effective_tflops']:.0f} TFLOP/s (the share: of SD 1.x's default)"]
