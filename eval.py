@@ -198,13 +198,14 @@ def batches(jobs, size):
     return [[job for _, job in batch] for batch in out]
 
 
-def reference_lms():
+def reference_lms(prediction_type="epsilon"):
     """LMS as the references build it (ESD / RECE's generate-images, Diffusion-MU-Attack, the release's MMA run):
     explicitly, from SD's betas. Built from a model folder's scheduler config instead, a folder with another
-    timestep spacing ('leading') would denoise at other timesteps."""
+    timestep spacing ('leading') would denoise at other timesteps. `prediction_type`: the model's (SD 2.x-v's UNet
+    predicts v; read as eps, its images would be noise)."""
     from diffusers import LMSDiscreteScheduler
     return LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                num_train_timesteps=1000)
+                                num_train_timesteps=1000, prediction_type=prediction_type)
 
 
 def generate(pipe, jobs, out, provenance, steps=50, batch_size=1):
@@ -217,7 +218,7 @@ def generate(pipe, jobs, out, provenance, steps=50, batch_size=1):
     from diffusers import DPMSolverMultistepScheduler
     from tqdm import tqdm
     model_scheduler = pipe.scheduler
-    schedulers = dict(model=model_scheduler, lms=reference_lms(),
+    schedulers = dict(model=model_scheduler, lms=reference_lms(model_scheduler.config.prediction_type),
                       dpm=DPMSolverMultistepScheduler.from_config(model_scheduler.config))  # SAFREE's, for Ring-A-Bell
     pipe.set_progress_bar_config(disable=True)  # one bar over prompts, not one per image
     made = json.loads(provenance.read_text()) if provenance.is_file() else {}

@@ -859,8 +859,16 @@ def test_each_family_trains_resumes_exports_and_evaluates_as_a_user_runs_it(fami
     assert result["coco"]["base"] == family and ev.model_label(result).endswith(f"({family})")
     assert f"({family})" in (out / "results.md").read_text()
     assert result["coco"]["settings"]["resolution"] == FAMILY_SIZE
-    from PIL import Image
-    assert Image.open(next((out / "coco/images").iterdir())).size == (FAMILY_SIZE, FAMILY_SIZE)
+    job = ev.coco_jobs(HERE / "prompts/coco_3k.csv", limit=1)[0]
+    image = ev.load_images([out / "coco" / job["files"][0]])
+    assert image.shape[-2:] == (FAMILY_SIZE, FAMILY_SIZE)
+    from diffusers import LMSDiscreteScheduler  # the stock pipeline, LMS on the folder's betas and prediction type,
+    pipe.scheduler = LMSDiscreteScheduler.from_pretrained(families[family], subfolder="scheduler",  # the protocol's
+                                                          timestep_spacing="linspace")  # spacing (SD 1.x's default)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(job["prompt"], num_inference_steps=2, guidance_scale=job["guidance"], height=FAMILY_SIZE,
+                  width=FAMILY_SIZE, generator=torch.Generator().manual_seed(job["seed"]), output_type="pt").images
+    assert (image - theirs).abs().max() <= 2 / 255  # 8-bit PNG rounding
     fork_dpo.main(argv + ["--steps", "1", "--run-name", "dpo"])  # the fork runs on the family unchanged
     assert [r["step"] for r in metrics(runs / "dpo")] == [1] and math.isfinite(metrics(runs / "dpo")[0]["err_w"])
 
