@@ -64,23 +64,28 @@ def side_by_side(contenders, repeats, device, warmup=True):
     return {name: dict(min=min(t), median=statistics.median(t), max=max(t)) for name, t in times.items()}
 
 
-def sd_parts(full_size, seed=0, reward=True):
-    """Tiny models, or the real SD 1.x UNet / VAE / text encoder (and ViT-H-14 reward) architectures, random weights."""
+def sd_parts(full_size, seed=0, reward=True, sdxl=False):
+    """Tiny models, or the real SD 1.x UNet / VAE / text encoder (and ViT-H-14 reward) architectures, random weights.
+    sdxl: SDXL's UNet and two text encoders (sdxl_unet_and_text) in place of SD 1.x's, the VAE with SDXL's scaling."""
     m = sd.build_tiny_models(seed)
     if full_size:
         import open_clip
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
         torch.manual_seed(seed)
-        m["unet"] = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
+        if not sdxl:
+            m["unet"] = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults: SD 1.x's
+            m["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                max_position_embeddings=77, hidden_act="quick_gelu"))
         m["vae"] = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
-        m["text_encoder"] = CLIPTextModel(CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-            max_position_embeddings=77, hidden_act="quick_gelu"))
         if reward:
             m["reward_model"] = open_clip.create_model("ViT-H-14", pretrained=None,
                                                        device=torch.get_default_device()).eval()
+    if sdxl:
+        m.update(sdxl_unet_and_text(full_size, seed), tokenizer_2=m["tokenizer"])  # both are CLIP's BPE
+        m["vae"].register_to_config(scaling_factor=0.13025)
     return m
 
 
@@ -492,7 +497,7 @@ def term_rate(models, full, device, settings, peak_tflops, variant="", repeats=8
     if variant == "compile":  # inductor on a GPU; on the CPU (--tiny) aot_eager: the same path, no C++ build
         policy.unet.compile(backend="inductor" if device.type == "cuda" else "aot_eager")
     b, g = args.train_batch_size, torch.Generator().manual_seed(0)
-    h = (args.resolution or sd.native_resolution(models)) // 8  # 0: the model's own, as train() resolves it
+    h = (args.resolution or sd.native_resolution(models["unet"].config, models["vae"].config)) // 8  # 0: its own
     policy.scheduler.set_timesteps(args.num_inference_steps, device=device)
     x = torch.randn(2, b, policy.unet.config.in_channels, h, h, generator=g).to(device)
     t = policy.scheduler.timesteps[torch.randint(0, args.num_inference_steps - 1, (b,), generator=g)].to(device)
@@ -617,7 +622,7 @@ def sdxl_stage(result, full, device, out):
     default step holds 64 trajectories' latents (+1.6 GiB at 1024 px, held on the GPU: not in this peak)."""
     say(f"8/8 SDXL's plan (LoRA rank 64) for one step at {'1024 px' if full else 'tiny size'} under a {CAP_GIB} GiB "
         "cap")
-    models = sdxl_parts(full)
+    models = sd_parts(full, sdxl=True)
     trained_like(models["unet"], models["vae"], models["text_encoder"], models["text_encoder_2"])
     fits = f"SDXL's plan (LoRA rank 64): peak memory <= {PEAK_GIB} GiB under a {CAP_GIB} GiB cap"
     try:
@@ -634,12 +639,11 @@ def sdxl_stage(result, full, device, out):
           f"{row['seconds_sample']:.1f} s, training {row['seconds_train']:.1f} s for 8 trajectories", flush=True)
 
 
-def sdxl_parts(full_size, seed=0):
-    """SDXL base 1.0's architectures with random weights: its UNet (2.6 B), CLIP ViT-L and OpenCLIP bigG text
-    encoders, SD's VAE with SDXL's scaling; or tiny ones of the same structure. The reward model is sd_parts'."""
+def sdxl_unet_and_text(full_size, seed=0):
+    """SDXL base 1.0's UNet (2.6 B) and its CLIP ViT-L and OpenCLIP bigG text encoders with random weights, or tiny
+    ones of the same structure, and its pipeline's zero negative -> a dict for sd_parts."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    m = sd_parts(full_size, seed)
     torch.manual_seed(seed)
     if full_size:
         unet = UNet2DConditionModel(**SDXL_UNET)
@@ -658,11 +662,9 @@ def sdxl_parts(full_size, seed=0):
         second = dict(hidden_size=48, intermediate_size=96, num_attention_heads=2, num_hidden_layers=2,
                       hidden_act="gelu", projection_dim=40)
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
-    m["vae"].register_to_config(scaling_factor=0.13025)
-    m.update(unet=unet, text_encoder=CLIPTextModel(CLIPTextConfig(**common, **first)), tokenizer_2=m["tokenizer"],
-             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**common, **second)),
-             force_zeros_for_empty_prompt=True)
-    return m
+    return dict(unet=unet, text_encoder=CLIPTextModel(CLIPTextConfig(**common, **first)),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**common, **second)),
+                force_zeros_for_empty_prompt=True)
 
 
 def variant_rate(models, full, device, settings, peak, variant):

@@ -168,9 +168,9 @@ def build_pipeline(args):
         finally:
             log.setLevel(level)
     pipe.to(args.device)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if args.fp16 else ():
-        if part is not None and not (part is pipe.vae and getattr(pipe, "text_encoder_2", None)):  # SDXL's VAE: fp32
-            sd.cast(part, torch.float16)
+    second = getattr(pipe, "text_encoder_2", None)  # SDXL's; its VAE overflows in fp16 and stays fp32
+    for part in [pipe.unet, pipe.text_encoder] + ([second] if second else [pipe.vae]) if args.fp16 else ():
+        sd.cast(part, torch.float16)
     return pipe
 
 

@@ -915,21 +915,20 @@ def model_family(models):
     return family + ("-v" if models["scheduler"].config.prediction_type == "v_prediction" else "")
 
 
+def native_resolution(unet_config, vae_config):
+    """The model's own image side: its UNet's sample size times the VAE's downsampling (512, 768 or 1024 px)."""
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def native_resolution_of(model):
     """native_resolution from --model's config files alone (a folder or the hub cache), before any weight loads;
     512 where they cannot be read (the loaders then say why)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     try:
-        unet, vae = (c.load_config(model, subfolder=f) for c, f in ((UNet2DConditionModel, "unet"),
-                                                                      (AutoencoderKL, "vae")))
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        return native_resolution(UNet2DConditionModel.load_config(model, subfolder="unet"),
+                                 AutoencoderKL.load_config(model, subfolder="vae"))
     except (OSError, ValueError, KeyError, TypeError):
         return 512
-
-
-def native_resolution(models):
-    """The model's own image side: its UNet's sample size times the VAE's downsampling (512, 768 or 1024 px)."""
-    return models["unet"].config.sample_size * 2 ** (len(models["vae"].config.block_out_channels) - 1)
 
 
 def load_reward_model(arch, pretrained, checkpoint=""):
@@ -1083,11 +1082,17 @@ AUTO_MICRO = 2  # --train-batch-size auto keeps the update of micro-batches of 2
 FAST_MICRO = 8  # 16 images per UNet call: sampling's shape, ~19% of an H200 where micro-batches of 2 reached ~5%
 
 
+def full_finetune_bytes(args, n_params):
+    """What a full fine-tune holds before any activation: fp32 weights, gradients and AdamW's two moments (16 bytes a
+    parameter), and the bf16 reference with --kl-coef (2 more)."""
+    return n_params * (16 + 2 * (args.kl_coef > 0))
+
+
 def check_fits(args, n_params, capacity):
-    """Refuse a full fine-tune whose fp32 weights, gradients and AdamW moments alone (16 bytes a parameter, + 2 for
-    the bf16 reference with --kl-coef) outgrow the card (`capacity` bytes; None: no GPU, nothing to refuse): SDXL's
-    2.6 B-parameter UNet needs ~43 GiB before a single activation. LoRA trains a few million parameters instead."""
-    need = n_params * (16 + 2 * (args.kl_coef > 0))
+    """Refuse a full fine-tune whose weights, gradients and AdamW state alone (full_finetune_bytes) outgrow the card
+    (`capacity` bytes; None: no GPU, nothing to refuse): SDXL's 2.6 B-parameter UNet needs ~43 GiB before a single
+    activation. LoRA trains a few million parameters instead."""
+    need = full_finetune_bytes(args, n_params)
     if args.lora_rank or capacity is None or need < capacity:
         return
     raise UsageError(f"a full fine-tune of this {n_params / 1e9:.1f} B-parameter UNet needs {need / GIB:.0f} GiB for "
@@ -1260,7 +1265,8 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
     torch.manual_seed(args.seed)  # LoRA init draws from the global RNG (same on every rank); the rest from `gen`
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own prompts and noise
     models = models or load_models(args, reward=reward_fn is None)
-    args = dataclasses.replace(args, resolution=args.resolution or native_resolution(models))  # 0: the model's own
+    args = dataclasses.replace(args, resolution=args.resolution or native_resolution(  # 0: the model's own
+        models["unet"].config, models["vae"].config))
     check_fits(args, sum(p.numel() for p in models["unet"].parameters()), capacity)  # before any weight moves there
     policy, opt = setup_policy(models, args, device, world, reference=objective.needs_reference)
     opt.before_update = keep_steps_done(stop, policy, opt, rank)
@@ -1276,8 +1282,9 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
     resume, start = resume_newest(claim.candidates, policy, opt, gen, args, rank)
     asked = args  # args.json records the flags as given (auto), and the plan made of them for this device beside them
     args, plan = memory_plan(args, policy, opt, device)
-    say(model_line(args, models, sum(p.numel() for p in opt.params), capacity))
-    say(step_summary(args, world, sum(p.numel() for p in opt.params)))
+    n_trainable = sum(p.numel() for p in opt.params)
+    say(model_line(args, models, n_trainable, capacity))
+    say(step_summary(args, world, n_trainable))
     say(plan_line(plan, previous_plan(run_dir) if start and rank == 0 else None))
     if args.tiny:
         say(f"--tiny: random tiny models built in code (mechanics, not the paper); lr {args.learning_rate}, clip "
@@ -1409,8 +1416,7 @@ def draw_prompts(pool, k, gen):
 def model_line(args, models, n_trainable, capacity):
     """One line: the base model, its image size, and what trains (the plan and why it fits)."""
     n = sum(p.numel() for p in models["unet"].parameters()) - (n_trainable if args.lora_rank else 0)
-    need = n * (16 + 2 * (args.kl_coef > 0))  # check_fits' count
-    fits = f", {need / GIB:.1f} of the {capacity / GIB:.0f} GiB here" if capacity else ""
+    fits = f", {full_finetune_bytes(args, n) / GIB:.1f} of the {capacity / GIB:.0f} GiB here" if capacity else ""
     trains = (f"LoRA rank {args.lora_rank} ({n_trainable / 1e6:,.1f} M parameters; the UNet's {n / 1e6:,.1f} M "
               "frozen)" if args.lora_rank else f"the full UNet ({n / 1e6:,.1f} M parameters: fp32 weights, gradients "
               f"and AdamW{fits})")
