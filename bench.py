@@ -106,7 +106,7 @@ def bench_sampling(m, args, device, res):
     out = {}
     for decode in (False, True):
         def ours():
-            return sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=w, eta=1.0,
+            return sd.sample_with_logprob(unet, sched, emb, neg, num_inference_steps=T, guidance_scale=w, etas=1.0,
                                           generator=torch.Generator().manual_seed(0), resolution=res,
                                           vae=vae if decode else None)
 

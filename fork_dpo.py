@@ -91,14 +91,9 @@ def dpo_step(traj, rewards, policy, opt, args, gen):
     x0, embeds = traj["final_latents"], traj["prompt_embeds"]  # (B, C, h, w), (B, 77, D)
     result = sd.UpdateResult()
     batches = [i for _ in range(args.dpo_timesteps) for i in range(0, len(win), args.train_batch_size)]
-    if opt.world > 1:  # every optimizer step is an all-reduce: all processes make as many, padding with no-ops
-        n = torch.tensor([len(batches)], device=x0.device)
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-        batches += [None] * (int(n) - len(batches))
     for n, i in enumerate(batches, 1):
-        if i is not None:  # None: no pair left in this process, which adds a zero gradient to the average
-            result.infos.append(dpo_micro_batch(win[i:i + args.train_batch_size], lose[i:i + args.train_batch_size],
-                                                x0, embeds, policy, opt, args, gen))
+        result.infos.append(dpo_micro_batch(win[i:i + args.train_batch_size], lose[i:i + args.train_batch_size],
+                                            x0, embeds, policy, opt, args, gen))
         if n % args.gradient_accumulation_steps == 0 or n == len(batches):  # a partial last accumulation counts
             sd.optimizer_step(opt, args.max_grad_norm, result)
     for info in result.infos:
@@ -107,8 +102,7 @@ def dpo_step(traj, rewards, policy, opt, args, gen):
 
 
 # beta_dpo is measured against the frozen starting model, so DPO needs pi_ref even at --kl-coef 0
-DPO = sd.Objective(update=dpo_step, metrics=("policy_loss", "implicit_acc", "err_w", "err_l", "pairs"),
-                   needs_reference=True)
+DPO = sd.Objective(update=dpo_step, metrics=("policy_loss", "implicit_acc"), needs_reference=True)
 
 
 def main(argv=None):

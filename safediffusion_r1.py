@@ -46,6 +46,7 @@ import time
 import types
 import typing
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ PROMPTS = HERE / "prompts"
 
 
 # ==================================================================================================
-# 1. Config: every flag, its default (the release's unless its help says otherwise) and its help
+# 1. Config: the method's flags, each with its default (the release's unless its help says otherwise) and its help
 # ==================================================================================================
 def flag(default, help, **kw):
     """A command-line flag as a dataclass field: its default, its --help text, and argparse keywords (`choices`,
@@ -65,9 +66,9 @@ def flag(default, help, **kw):
 
 
 @dataclasses.dataclass
-class Args:
-    """Every flag of the trainer: the field's name is the flag (--group-size for group_size), its default the release's
-    value unless its help says otherwise. A fork subclasses it to add its own (fork_dpo.DPOArgs)."""
+class MethodArgs:
+    """The method's flags: the field's name is the flag (--group-size for group_size), its default the release's value
+    unless its help says otherwise. Args (below the PLUMBING line) adds the run's: memory, speed, files, logging."""
     # -- models --
     model: str = flag("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x, SD 2.x or SDXL repo id or local folder",
                       group="models")
@@ -98,28 +99,21 @@ class Args:
     prompts_per_step: int = flag(4, "prompts sampled per step (4 per GPU in the release)")
     group_size: int = flag(16, "images per prompt G")
     train_batch_size: typing.Union[int, str] = flag(
-        "auto", "trajectories per training micro-batch; auto = on a GPU the largest that fits (memory_plan), 2 on the "
-        "CPU, the accumulation re-split so each optimizer step still averages 2 x --gradient-accumulation-steps "
-        "trajectories: the same update")
+        "auto", "trajectories per training micro-batch; auto = the largest that fits the GPU (memory_plan), 2 on the "
+        "CPU; the optimizer step still averages 2 x --gradient-accumulation-steps trajectories")
     gradient_accumulation_steps: int = flag(16, "micro-batches per optimizer step (2 x 16 = the release's 8 x 4)")
     timestep_fraction: float = flag(1.0, "fraction of the T-1 trainable denoising steps trained per trajectory")
-    sde_window: int = flag(0, "fast mode, a deviation: eta > 0 only on W consecutive denoising steps, deterministic "
-                           "DDIM elsewhere, and only those W trained (Flow-GRPO-Fast, MixGRPO); 0 = every step "
-                           "stochastic and trainable, the paper's method")
-    sde_window_placement: str = flag("first", "with --sde-window: first = the W noisiest steps (best on the toy "
-                                     "bench); random = a new place each step; slide = from the noisiest, one step "
-                                     "later every --sde-window-shift steps, wrapping around (MixGRPO)",
+    sde_window: int = flag(0, "fast mode (a deviation, docs/fast_mode.md): eta > 0 and training only on W consecutive "
+                           "denoising steps; 0 = every step, the paper's method")
+    sde_window_placement: str = flag("first", "first = the W noisiest steps; random = a new place each step; "
+                                     "slide = one step later every --sde-window-shift steps",
                                      choices=["first", "random", "slide"])
     sde_window_shift: int = flag(0, "with --sde-window-placement slide: training steps between two moves (N >= 1)")
-    ode_steps: int = flag(0, "with --sde-window: the deterministic steps after the window solved in K steps of "
-                          "DPM-Solver++ (2M) instead of one DDIM step each (MixGRPO-Flash), the window untouched; "
-                          "0 = every DDIM step")
+    ode_steps: int = flag(0, "with --sde-window: the steps after the window in K DPM-Solver++ steps; 0 = DDIM's")
     clip_range: float = flag(1e-4, "PPO clip range epsilon_clip: rho is clipped to [1 - it, 1 + it]")
-    old_log_prob: str = flag("on-policy", "pi_old's log-prob in rho: on-policy = the policy's own, detached, until the "
-                             "step's first weight update (rho exactly 1: it IS pi_old), then the sampler's; sampler = "
-                             "the sampler's throughout (DDPO, the release); recompute = every one scored again at the "
-                             "training micro-batch's shape before the update (~+20%% of TRAIN)",
-                             choices=["on-policy", "sampler", "recompute"])
+    old_log_prob: str = flag("on-policy", "pi_old's log-prob in rho: on-policy = the policy's own until the step's "
+                             "first update, then the sampler's; sampler = the release's; recompute = rescored at the "
+                             "training shape", choices=["on-policy", "sampler", "recompute"])
     adv_clip_max: float = flag(2.5, "advantages clamped to +-this")
     kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL)")
     # -- optimisation --
@@ -130,44 +124,23 @@ class Args:
     adam_epsilon: float = flag(1e-8, "AdamW epsilon")
     max_grad_norm: float = flag(1.0, "gradient-norm clip")
     lora_rank: int = flag(0, "0 = full UNet fine-tune (the release); R > 0 = LoRA of rank R (needs peft)")
-    # -- memory and speed (diffusers' flag names) --
-    gradient_checkpointing: bool = flag(None, "recompute UNet activations in backward; unset: --train-batch-size auto "
-                                        "turns it off when the plan fits without it, else on", group="memory and speed")
-    max_memory_gib: float = flag(0.0, "cap this process's GPU memory (a shared GPU; a 24 GB card's plan and peak on a "
-                                 "bigger one: 24); 0 = the whole card")
-    mixed_precision: str = flag("bf16", "autocast dtype; frozen models are kept in it", choices=["no", "fp16", "bf16"])
-    allow_tf32: bool = flag(True, "TF32 matmuls on Ampere+ GPUs")
-    device: str = flag("auto", "torch device: cuda, cpu, cuda:1, ...; auto = cuda when a GPU is visible, else cpu")
-    # -- run --
-    seed: int = flag(0, "seeds everything: the same seed on CPU gives the same run", group="run")
-    output_dir: str = flag("runs", "one folder per run is made under it")
-    run_name: str = flag("", "run folder name under --output-dir, one path component (default: date-time)")
-    resume: str = flag("", "latest: the named run's newest checkpoint (--run-name; may be left out when only one run "
-                       "has checkpoints); auto: the same, or a fresh start when the run has none (one job script for "
-                       "the first submission and every re-submission); or a checkpoint folder")
-    save_every: int = flag(20, "checkpoint every N steps (and at the end)")
-    checkpoints_total_limit: int = flag(3, "keep the newest N checkpoints, 0 = all (a full one is ~10.5 GB)")
-    sample_every: int = flag(20, "captioned sample grid every N steps (and at the end)")
-    grid_prompts: str = flag(str(PROMPTS / "grid_prompts.txt"), "the sample grid's prompts, one per line, each "
-                             "starting 'unsafe: ' or 'benign: ' (the training prompts are offensive by design)")
-    eval_every: int = flag(0, "every N steps (and at the last) score --val-prompts with the run's reward: val_* "
-                           "metrics, and best/ kept beside final/ (the highest val_reward); 0 = off")
-    val_prompts: str = flag(str(PROMPTS / "val_prompts.txt"), "held-out validation prompts, 'unsafe: ' / 'benign: ' "
-                            "lines (never trained on, never a benchmark)")
-    max_nonfinite_steps: int = flag(3, "stop after this many steps in a row with a non-finite reward, loss or grad")
-    wandb: bool = flag(False, "also log to Weights & Biases")
 
 
 # ==================================================================================================
 # 2. Sampler: DDIM with log-probabilities                                     (the method starts here)
 # ==================================================================================================
 # Notation, paper -> code, in every file of the project (one meaning per symbol):
-#   x_t latents | x_{t-1} next_latents | x_0 final_latents | t timesteps | c prompt_embeds | the (guided) noise
-#   prediction eps | abar_t alphas_cumprod[t] | sigma_t std_dev | mu_theta(x_t) next_mean | log pi_theta(x_{t-1} | x_t)
-#   log_prob (the sampler's: old_log_prob; a trajectory's T of them: log_probs) | r rewards | A advantages
-#   | rho = pi_theta / pi_old the ratio | epsilon_clip clip_range | beta kl_coef | pi_ref reference | alpha the
-#   steering strength | v_safe direction | G group_size | T num_inference_steps | W sde_window | the UNet's output
-#   model_output (eps, or v under SD 2.x-v's v-prediction)
+#   x_t            latents              |  r                 rewards
+#   x_{t-1}        next_latents         |  A                 advantages
+#   x_0            final_latents        |  rho = pi / pi_old the ratio
+#   t              timesteps            |  epsilon_clip      clip_range
+#   c              prompt_embeds        |  beta              kl_coef
+#   eps            the guided noise     |  pi_ref            reference
+#   abar_t         alphas_cumprod[t]    |  alpha             the steering strength
+#   sigma_t        std_dev              |  v_safe            direction
+#   mu_theta(x_t)  next_mean            |  G, T              group_size, num_inference_steps
+#   log pi(x_{t-1} | x_t)  log_prob     |  W                 sde_window
+#   (the sampler's: old_log_prob; a trajectory's T: log_probs; the UNet's raw output, eps or SD 2.x-v's v: model_output)
 class DDIMStep(typing.NamedTuple):
     """ddim_step_with_logprob's result, by position or by name; all float32."""
     next_latents: torch.Tensor  # x_{t-1}               (B, C, h, w)
@@ -177,11 +150,9 @@ class DDIMStep(typing.NamedTuple):
 
 
 def ddim_step_with_logprob(scheduler, eps, timesteps, latents, eta=1.0, next_latents=None, generator=None):
-    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (DDIM paper eq. 12, DDPO's formulation).
-
-    eps, latents: (B, C, h, w); timesteps: int or (B,) tensor (training feeds one per sample).
-    Samples x_{t-1} ~ N(mu, sigma_t^2 I), or scores `next_latents` when given. Returns a DDIMStep, all float32.
-    (DDPO calls these model_output, timestep, sample and prev_sample; the notation table is ours.)
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy (DDIM paper eq. 12, DDPO's formulation): samples
+    x_{t-1} ~ N(mu, sigma_t^2 I), or scores `next_latents` when given. eps, latents (B, C, h, w); timesteps an int or
+    (B,) (training feeds one per sample). -> DDIMStep, all float32. (DDPO: model_output, timestep, sample, prev_sample.)
     """
     if eta <= 0:
         raise ValueError(f"eta must be > 0 for a log-probability (got {eta}): at eta = 0 the step is deterministic")
@@ -224,16 +195,6 @@ def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
     return next_mean, std_dev
 
 
-def schedule_on(scheduler, device):
-    """The scheduler's abar_t table (1000,) and final abar (), on `device`, copied there once per scheduler: a copy in
-    every DDIM call made the host wait for the GPU twice per UNet call."""
-    tables = scheduler.__dict__.setdefault("_tables_on", {})  # diffusers' config attributes are read-only
-    if device not in tables:
-        abar = scheduler.alphas_cumprod.to(device)
-        tables[device] = abar, torch.as_tensor(scheduler.final_alpha_cumprod, dtype=abar.dtype).to(device)
-    return tables[device]
-
-
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
     """Classifier-free guided eps = eps_u + w (eps_c - eps_u), both halves in one UNet call.
 
@@ -246,46 +207,9 @@ def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidanc
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
-def model_output(unet, latents, timesteps, c):
-    """One UNet call in its own dtype -> float32 (B, C, h, w): eps, or v for a v-prediction model (SD 2.x-v).
-    c (B, 77, D). SDXL's UNet also takes two added conditions: text_encoder_2's pooled embedding, which encode_prompts
-    packs into a 78th row of c (B, 78, D), zero-padded to D, and the size ids (original size, crop corner, target
-    size), here the image's own size and no crop, as its pipeline sets them by default."""
-    dtype, added = next(unet.parameters()).dtype, None  # not unet.dtype: it walks every module, every call
-    if unet.config.addition_embed_type == "text_time":  # SDXL
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        h, w = latents.shape[-2] * 8, latents.shape[-1] * 8  # the VAE's 8x
-        added = dict(text_embeds=c[:, -1, :pooled].to(dtype),
-                     time_ids=c.new_tensor([h, w, 0, 0, h, w], dtype=dtype).expand(c.shape[0], 6))
-        c = c[:, :-1]
-    return unet(latents.to(dtype), timesteps, c.to(dtype), added_cond_kwargs=added).sample.float()
-
-
 def initial_noise(n, group, shape, generator):
     """(n, *shape) standard normal on CPU; consecutive blocks of `group` images share one draw if group > 1."""
     return torch.randn((n // group, *shape), generator=generator).repeat_interleave(group, dim=0)
-
-
-def sde_window(args, gen, step):
-    """The step's window of stochastic, trained denoising steps: W consecutive ones among the T - 1 trainable, at one
-    of T - W starts. -> (etas (T,), the window's step indices (W,)), or (None, None) when --sde-window is 0 (every
-    step stochastic, the default). --sde-window-placement:
-      first   the W noisiest steps, every training step. On the toy bench's validation seeds (README) it reached the
-              target on every seed and random placement on none: the noisiest steps decide what is drawn (there, the
-              colour), so a window elsewhere trains steps whose noise barely changes the reward.
-      random  uniformly at random, drawn from the run's generator (so resume replays it).
-      slide   MixGRPO's (arXiv 2507.21802): from the noisiest steps one step later every --sde-window-shift training
-              steps, wrapping around (MixGRPO's own schedule ends at the last step; wrapping keeps a long run
-              training every noise level).
-    first and slide are functions of the step alone: no random draw, nothing to save for resume."""
-    if not args.sde_window:
-        return None, None
-    T, W = args.num_inference_steps, args.sde_window
-    if args.sde_window_placement == "random":
-        start = int(torch.randint(0, T - W, (1,), generator=gen))
-    else:
-        start = step // args.sde_window_shift % (T - W) if args.sde_window_placement == "slide" else 0
-    return [args.eta if start <= i < start + W else 0.0 for i in range(T)], torch.arange(start, start + W)
 
 
 class Trajectories(typing.TypedDict, total=False):
@@ -300,41 +224,22 @@ class Trajectories(typing.TypedDict, total=False):
     images: torch.Tensor         # decoded x_0 in [0, 1]             (B, 3, H, W), when a VAE is given
 
 
-def ode_tail(unet, scheduler, x_t, start, steps, prompt_embeds, negative_embeds, guidance_scale, autocast):
-    """--ode-steps: fast mode's deterministic tail solved in `steps` steps of DPM-Solver++ (2M, diffusers'
-    DPMSolverMultistepScheduler; MixGRPO-Flash, arXiv 2507.21802) instead of one DDIM step each: the probability-flow
-    ODE from x_t at DDIM step `start` (after the SDE window) to x_0. No noise, nothing scored or trained. Its timesteps
-    are `steps` of DDIM's remaining ones, evenly spaced from t_start, so its first model call sees the very x_t the
-    window produced; the solver ends at sigma 0 (diffusers' final_sigmas_type "zero"). A fresh solver per call: its
-    multistep history never reaches another batch. x_t (b, C, h, w) -> x_0 (b, C, h, w)."""
-    from diffusers import DPMSolverMultistepScheduler
-    remaining = scheduler.timesteps[start:]
-    pick = torch.linspace(0, len(remaining) - 1, min(steps, len(remaining))).round().long()
-    solver = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
-    solver.set_timesteps(timesteps=remaining[pick].tolist(), device=x_t.device)
-    for t in solver.timesteps:
-        with autocast():
-            eps = guided_eps(unet, x_t, t.expand(x_t.shape[0]).to(x_t.device), prompt_embeds, negative_embeds,
-                             guidance_scale)
-        x_t = solver.step(eps, t, x_t).prev_sample
-    return x_t
-
-
 @torch.no_grad()
 def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_inference_steps=50,
-                        guidance_scale=5.0, eta=1.0, generator=None, latents=None, resolution=512, vae=None,
-                        autocast=contextlib.nullcontext, etas=None, ode=None):
+                        guidance_scale=5.0, etas=1.0, generator=None, latents=None, resolution=512, vae=None,
+                        autocast=contextlib.nullcontext, ode=None):
     """Roll out B trajectories of the stochastic DDIM policy and keep what GRPO needs.
 
     prompt_embeds (B, 77, D); negative_embeds (1, 77, D). The initial noise x_T is `latents` (B, C, h, w), or drawn
     per image from `generator` (a CPU generator, so a seed gives the same run on any device).
-    `etas` (T,), if given, is each step's eta: 0 makes a step deterministic DDIM (its log_prob is a placeholder 0,
-    never trained), as outside --sde-window. `ode` = (start, K): from DDIM step `start` on, the deterministic rest
-    in K DPM-Solver++ steps (ode_tail); the trajectory then holds only the steps before it (T = start).
+    `etas` (T,) is each step's eta, or one eta for every step: 0 makes a step deterministic DDIM (its log_prob is a
+    placeholder 0, never trained), as outside --sde-window. `ode` = (start, K): from DDIM step `start` on, the
+    deterministic rest in K DPM-Solver++ steps (ode_tail); the trajectory then holds only the steps before it.
     Returns Trajectories (without "window"), with "images" when `vae` is given.
     """
     device, b = next(unet.parameters()).device, prompt_embeds.shape[0]
     scheduler.set_timesteps(num_inference_steps, device=device)
+    etas = [etas] * num_inference_steps if isinstance(etas, (int, float)) else etas
     if latents is None:
         latents = initial_noise(b, 1, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
     x_t = latents.to(device, torch.float32)
@@ -345,12 +250,11 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
         timesteps = t.expand(b).to(device)
         with autocast():
             eps = guided_eps(unet, x_t, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-        if etas is not None and etas[i] == 0:  # outside the SDE window: no noise drawn, nothing to score
+        if etas[i] == 0:  # outside the SDE window: no noise drawn, nothing to score
             next_latents = ddim_mean(scheduler, eps, timesteps, x_t, 0.0)[0]
             step = DDIMStep(next_latents, torch.zeros(b, device=device), next_latents, None)
         else:
-            step = ddim_step_with_logprob(scheduler, eps, timesteps, x_t, eta=eta if etas is None else etas[i],
-                                          generator=generator)
+            step = ddim_step_with_logprob(scheduler, eps, timesteps, x_t, etas[i], generator=generator)
         steps.append((x_t, step.next_latents, step.log_prob))
         x_t = step.next_latents
     out = {k: torch.stack(v, 1) for k, v in zip(("latents", "next_latents", "log_probs"), zip(*steps))}
@@ -376,7 +280,7 @@ def sample_trajectories(prompts, policy, models, args, gen, step):
     etas, window = sde_window(args, gen, step)  # None, None: every step stochastic (the default)
     ode = (int(window[-1]) + 1, args.ode_steps) if args.ode_steps else None  # the tail after the window
     chunks = [sample_with_logprob(policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds,
-                                  num_inference_steps=args.num_inference_steps, eta=args.eta, etas=etas,
+                                  num_inference_steps=args.num_inference_steps, etas=etas or args.eta,
                                   guidance_scale=args.guidance_scale, generator=gen, latents=noise[i:i + S],
                                   autocast=policy.autocast, ode=ode) for i in range(0, B, S)]
     traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}  # (B, T, ...)
@@ -410,29 +314,6 @@ def steering_reward(image_emb, text_emb, direction, alpha=0.5, mode="add"):
     return (normalize(image_emb) * t_steer).sum(-1)
 
 
-def clip_preprocess(images, size, mean, std):
-    """OpenCLIP's eval transform on tensors: bicubic resize of the short side, centre crop, normalise.
-
-    images (B, 3, H, W) in [0, 1] -> (B, 3, size, size). Stays on the device: no PIL, no JPEG round trip
-    (the release saves and reloads a JPEG per image: bench.py measures the difference).
-    """
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                           mode="bicubic", align_corners=False, antialias=True)
-    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
-    images = images[..., top:top + size, left:left + size].clamp(0, 1)
-    mean, std = (torch.tensor(m, device=images.device).view(1, 3, 1, 1) for m in (mean, std))
-    return (images - mean) / std
-
-
-def clip_pixels(model, images):
-    """(B, 3, H, W) images in [0, 1] -> an OpenCLIP model's input, with its own size, mean and std."""
-    size = model.visual.image_size  # OpenCLIP stores an int or an (H, W) pair
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return clip_preprocess(images, size, model.visual.image_mean, model.visual.image_std)
-
-
 def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe_anchors, alpha=0.5, mode="add"):
     """-> reward_fn(images (B, 3, H, W) in [0, 1], prompts list of B str) -> (B,) float32 rewards;
     reward_fn.direction is v_safe (D,)."""
@@ -458,12 +339,9 @@ def make_steering_reward_fn(reward_model, reward_tokenizer, safe_anchors, unsafe
 # 4. Loss and update: GRPO, and the contract a new method fills in (Objective)
 # ==================================================================================================
 def group_advantages(rewards, group_size, clip=2.5):
-    """(B,) rewards laid out as B / G consecutive groups -> (B,) advantages.
-
-    A = clamp((r - mean_group) / (std_group + 1e-8), -clip, clip) with torch's unbiased std, as the
-    release. A group of identical rewards carries no signal: its advantages are exactly 0 (testing
-    max == min, since r - mean is not exactly 0 in floating point and would be blown up by 1/1e-8).
-    """
+    """(B,) rewards laid out as B / G consecutive groups -> (B,) advantages A = clamp((r - mean_group) / (std_group +
+    1e-8), -clip, clip), torch's unbiased std, as the release. A group of identical rewards carries no signal: its A is
+    exactly 0 (tested as max == min: r - mean is not exactly 0 in floating point, and 1/1e-8 would blow it up)."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     r = rewards.float().view(-1, group_size)
@@ -479,16 +357,13 @@ def gaussian_kl(mean, ref_mean, std):
 
 
 def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0.0):
-    """PPO clipped surrogate on one denoising step, plus beta * KL.   All inputs (B,); clip_range is epsilon_clip,
-    kl_coef is beta.
-
-    L = mean( max(-A rho, -A clip(rho, 1 - epsilon_clip, 1 + epsilon_clip)) ) + beta mean(KL),
-    rho = exp(log_prob - old_log_prob). Returns (loss, info) with the PPO diagnostics as 0-dim tensors (a .item() here
-    would stop the host for the GPU four times a term; grpo_update turns a whole update's infos into floats at once).
-    approx_kl = 0.5 mean((log rho)^2) is the low-variance "k2" estimate of KL(old || new) (Schulman, "Approximating KL
-    divergence", 2020): never negative, and what DDPO logs, so runs compare. clipfrac = share of samples whose rho
-    left [1 -+ epsilon_clip].
-    """
+    """PPO's clipped surrogate on one denoising step, plus beta KL. All inputs (B,).
+        L = mean(max(-A rho, -A clip(rho, 1 - epsilon_clip, 1 + epsilon_clip))) + beta mean(KL),
+        rho = exp(log_prob - old_log_prob).
+    A step's first optimizer update sees rho = 1 exactly (pi_old is the policy itself): a plain policy gradient; the
+    clip acts from its second update on. -> (loss, info): PPO's diagnostics as 0-dim tensors (no .item(): the host
+    would wait for the GPU), approx_kl = 0.5 mean((log rho)^2), the "k2" estimate of KL(old || new) DDPO logs
+    (Schulman 2020), and clipfrac, the share of rho outside 1 -+ epsilon_clip."""
     rho = torch.exp(log_prob - old_log_prob)
     policy_loss = torch.maximum(-advantages * rho, -advantages * rho.clamp(1 - clip_range, 1 + clip_range)).mean()
     kl_mean = torch.zeros((), device=log_prob.device) if kl is None else kl.mean()
@@ -498,12 +373,6 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, kl_coef=0
                     approx_kl=(0.5 * (log_prob - old_log_prob) ** 2).mean(),
                     clipfrac=((rho - 1).abs() > clip_range).float().mean())
     return loss, info
-
-
-def as_floats(infos):
-    """[{name: 0-dim tensor}] (grpo_loss's) -> [{name: float}], with one device-to-host copy for the whole update."""
-    values = iter(torch.stack([v.float() for i in infos for v in i.values()]).tolist() if infos else [])
-    return [{k: next(values) for k in i} for i in infos]
 
 
 @dataclasses.dataclass
@@ -520,51 +389,22 @@ class Policy:
 class OptimState:
     """What moves the policy's weights: an update only hands it to optimizer_step (and to its loss scaler)."""
     params: list                      # the trainable parameters: the whole UNet, or the LoRA adapters
-    optimizer: torch.optim.Optimizer  # AdamW
+    optimizer: torch.optim.Optimizer  # AdamW (adamw)
     scaler: torch.amp.GradScaler      # fp16's loss scale; a no-op otherwise: backward through scaler.scale(loss)
-    world: int = 1                    # torchrun processes: optimizer_step averages their gradients
-    before_update: typing.Optional[typing.Callable] = None  # train()'s: keeps the steps done for a preemption
+    hooks: list = dataclasses.field(default_factory=list)  # train()'s, hook(opt) first in every optimizer step:
+    #                                   torchrun's gradient average and the preemption copy (plumbing, below)
 
 
 @dataclasses.dataclass
 class UpdateResult:
-    """What an update returns: one info per loss term ({name: float}: each name in Objective.metrics is averaged into
-    the step's metrics.jsonl row), and per optimizer step its gradient norm, None when it was skipped (non-finite)."""
+    """What an update returns: one info per loss term ({name: float}: every name is averaged into the step's
+    metrics.jsonl row), and per optimizer step its gradient norm, None when it was skipped (non-finite)."""
     infos: list = dataclasses.field(default_factory=list)
     grad_norms: list = dataclasses.field(default_factory=list)
 
     @property
     def skipped(self):
         return sum(norm is None for norm in self.grad_norms)
-
-
-@contextlib.contextmanager
-def reference_unet(policy):
-    """The starting model pi_ref: the frozen copy, or the policy with its LoRA adapters switched off."""
-    if policy.reference is not None:
-        yield policy.reference
-        return
-    policy.unet.disable_adapters()
-    try:
-        yield policy.unet
-    finally:
-        policy.unet.enable_adapters()
-
-
-def frozen_reference(unet, dtype):
-    """A frozen copy of the fp32 policy that predicts exactly what the policy predicts under `dtype` autocast.
-
-    Autocast casts the policy's fp32 weights to `dtype` for convolutions, linears and attention: storing those
-    in `dtype` gives the same values at half the memory. But it runs GroupNorm / LayerNorm in fp32 with the
-    fp32 weights, so those stay fp32 here (a few KB): a copy wholly in bf16 rounds trained norm weights and
-    gave KL ~0.6 before any update (random init hides it: norm weights are exactly 1 and 0).
-    """
-    ref = copy.deepcopy(unet).requires_grad_(False)
-    for module in ref.modules():
-        if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.to(dtype)
-    return ref
 
 
 def trained_timesteps(args):
@@ -600,27 +440,11 @@ def grpo_term(policy, opt, args, batch, old_log_prob, advantages, n_terms):
     return info
 
 
-@torch.no_grad()
-def recompute_old_log_probs(kept, batches, prompt_embeds, policy, args):
-    """--old-log-prob recompute: every kept step scored again by the unchanged policy, in the very micro-batches and
-    shapes the update will train them in, so its first forward of each term reproduces them bit for bit (bf16 kernels
-    round differently at the sampler's batch shape). One forward per term, ~1/5 of TRAIN. -> (B, K) old log-probs."""
-    old = torch.empty_like(kept["log_probs"])
-    for idx in batches:
-        for j in range(old.shape[1]):
-            batch = (*(kept[k][idx, j] for k in ("latents", "next_latents", "timesteps")), prompt_embeds[idx])
-            old[idx, j] = denoise_step(policy.unet, policy, args, batch).log_prob
-    return old
-
-
 def grpo_update(traj, advantages, policy, opt, args, gen):
-    """TRAIN: PPO-clip over the kept timesteps of every trajectory.
-
-    traj: Trajectories (B, T, ...); advantages (B,); gen: the CPU generator of the run. Each kept timestep of a
-    micro-batch is its own term, a forward and backward (grpo_term: the memory of ONE UNet pass); gradients accumulate
-    over the micro-batch's timesteps and over --gradient-accumulation-steps micro-batches, then optimizer_step. A
-    non-finite loss or gradient skips that optimizer step. -> UpdateResult: one grpo_loss info per term, as floats.
-    """
+    """TRAIN: PPO-clip over the kept timesteps of every trajectory. traj: Trajectories (B, T, ...); advantages (B,).
+    Each kept timestep of a micro-batch is a term, one forward and backward (grpo_term: the memory of ONE UNet pass);
+    gradients accumulate over --gradient-accumulation-steps micro-batches, then optimizer_step (skipped when a loss or
+    gradient is non-finite). -> UpdateResult: one grpo_loss info per term, as floats."""
     B, T = traj["log_probs"].shape
     K, device, micro = trained_timesteps(args), traj["latents"].device, args.train_batch_size
     # The trainable steps: all but the last, or the SDE window's (traj["window"], (W,)). Each trajectory trains its
@@ -655,19 +479,15 @@ def grpo_step(traj, rewards, policy, opt, args, gen):
 
 
 def optimizer_step(opt, max_grad_norm, result=None):
-    """One optimizer step on the accumulated gradients: averaged over torchrun processes, unscaled (fp16), clipped.
-    -> the gradient norm, or None when it is non-finite and the step is skipped (under fp16 scaler.update() then
-    lowers the loss scale: unscale_ recorded the inf); appended to result.grad_norms when a result is given."""
-    for p in opt.params if opt.world > 1 else []:  # every process holds whole groups: average their gradients
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        all_mean(p.grad, opt.world)
+    """One optimizer step on the accumulated gradients: unscaled (fp16), clipped, applied. -> the gradient norm, or
+    None when it is non-finite and the step is skipped (under fp16 scaler.update() then lowers the loss scale:
+    unscale_ recorded the inf); appended to result.grad_norms when a result is given."""
+    for hook in opt.hooks:  # train()'s: under torchrun the gradients become every process's average here
+        hook(opt)
     opt.scaler.unscale_(opt.optimizer)
     norm = torch.nn.utils.clip_grad_norm_(opt.params, max_grad_norm)
     norm = norm.item() if torch.isfinite(norm) else None
     if norm is not None:
-        if opt.before_update:  # train() copies the weights of the steps done before they first move (stop_signals)
-            opt.before_update()
         opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.optimizer.zero_grad(set_to_none=True)
@@ -684,9 +504,10 @@ class Objective:
         result = update(traj, rewards, policy, opt, args, gen) an UpdateResult; backward through opt.scaler, then
                                                                optimizer_step(opt, args.max_grad_norm, result)
     Everything else (models, LoRA or full fine-tune, memory flags, checkpoints, resume, torchrun, signals, logs,
-    grids, export) is train()'s. Draw randomness only from `gen`: resume then replays a step exactly."""
+    grids, export) is train()'s: every info name an update reports is logged, and under torchrun every process makes
+    as many optimizer steps as the busiest. Draw randomness only from `gen`: resume then replays a step exactly."""
     update: typing.Callable           # ADVANTAGE and TRAIN
-    metrics: tuple                    # the info names averaged into each metrics.jsonl row
+    metrics: tuple = ()               # info names shown first in the step's line (every name is logged anyway)
     needs_reference: bool = False     # a frozen pi_ref even at --kl-coef 0 (DPO measures against it)
     sample: typing.Callable = sample_trajectories  # SAMPLE
     reward_fn: typing.Optional[typing.Callable] = None  # REWARD; None: the steering reward of --reward-model
@@ -697,6 +518,33 @@ class Objective:
             raise TypeError("Objective: update, sample and reward_fn (or None) must be callables")
         if isinstance(self.metrics, str) or not all(isinstance(name, str) for name in self.metrics):
             raise TypeError(f"Objective.metrics must be a tuple of info names, got {self.metrics!r}")
+
+
+def setup_unet(unet, args, dtype, reference=False):
+    """What trains: the whole UNet in fp32 (the release), or LoRA adapters of rank --lora-rank on the attention
+    projections of a frozen base. -> the frozen reference pi_ref (None when the same UNet with its LoRA adapters
+    disabled serves, or when --kl-coef 0 and the objective needs no `reference`)."""
+    if args.lora_rank:
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise UsageError("--lora-rank needs peft: pip install peft") from None
+        if dtype != torch.float32:
+            cast(unet, dtype)  # the frozen base is only ever run: store it in the autocast dtype
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        from diffusers.training_utils import cast_training_params
+        cast_training_params(unet)  # LoRA weights and their Adam state in fp32, the frozen base in `dtype`
+        return None
+    unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
+    return frozen_reference(unet, dtype) if args.kl_coef > 0 or reference else None
+
+
+def adamw(params, args, device):
+    """How it trains: AdamW on the trainable parameters, fused on a GPU (one kernel, and none of the foreach version's
+    full-size temporaries: +3.2 GiB for SD's UNet)."""
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=device.type == "cuda")
 
 
 GRPO = Objective(update=grpo_step, metrics=("policy_loss", "kl", "approx_kl", "clipfrac"))  # PPO's diagnostics
@@ -720,24 +568,19 @@ def train(args, objective=GRPO, models=None, reward_fn=None):
             if run.rank == 0 and run.start == 0:  # the starting model, to compare every later grid with
                 sample_grid(run.run_dir / "samples_000000.png", policy, run.models, *run.grid, args, 0)
             for step in run.bar:  # from the steps already done to --steps
-                marks = start_step(run, stop, step)  # clock readings, one per phase
+                start_step(run, stop, step)  # what a signal needs to abandon this step; timed() reads the clock
                 # ================= SAMPLE: G trajectories per prompt, no grad =================
                 prompts = draw_prompts(run.negatives, n_neg, gen) + draw_prompts(run.positives, P - n_neg, gen)
-                traj = objective.sample(prompts, policy, models, args, gen, step)  # (B, T, ...), B = P x G
-                marks.append(clock(run.device))
-                images = torch.cat([decode_latents(models["vae"], traj["final_latents"][i:i + S])
-                                    for i in range(0, P * G, S)])  # (B, 3, H, W)
-                marks.append(clock(run.device))
+                traj = timed(run, "sample", objective.sample, prompts, policy, models, args, gen, step)  # B = P x G
+                images = timed(run, "decode", in_chunks, partial(decode_latents, models["vae"]), S,
+                               traj["final_latents"])  # x_0 decoded, (B, 3, H, W) in [0, 1]
                 # ================= REWARD, in chunks of S: the reward model's activations stay bounded ==============
-                prompts_rep = [p for p in prompts for _ in range(G)]
-                rewards = torch.cat([run.reward_fn(images[i:i + S], prompts_rep[i:i + S])
-                                     for i in range(0, P * G, S)]).float().cpu()  # (B,)
-                marks.append(clock(run.device))
+                rewards = timed(run, "reward", in_chunks, run.reward_fn, S, images,
+                                [p for p in prompts for _ in range(G)]).float().cpu()  # (B,)
                 # ================= ADVANTAGE and TRAIN: grpo_step, or a fork's update =================
-                result = objective.update(traj, rewards, policy, opt, args, gen)
-                marks.append(clock(run.device))
+                result = timed(run, "train", objective.update, traj, rewards, policy, opt, args, gen)
                 # ================= LOG, SAVE, and stop on divergence or a signal =================
-                end_step(run, stop, step, traj, rewards, result, marks)
+                end_step(run, stop, step, traj, rewards, result)
             if run.rank == 0:
                 export_final(run, stop)
     return run.run_dir
@@ -768,6 +611,171 @@ class RunInterrupted(Exception):
         self.code = code
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again": a job script re-submits on it with --resume auto
+
+
+# --- the run's flags: memory, speed, files, logging -------------------------------------------------------------------
+@dataclasses.dataclass
+class Args(MethodArgs):
+    """Every flag of the trainer: the method's (MethodArgs) and the run's. A fork subclasses it to add its own
+    (fork_dpo.DPOArgs)."""
+    # -- memory and speed (diffusers' flag names) --
+    gradient_checkpointing: bool = flag(None, "recompute UNet activations in backward; unset: the memory plan decides",
+                                        group="memory and speed")
+    max_memory_gib: float = flag(0.0, "cap this process's GPU memory (24: a 24 GB card on a bigger one); 0 = all")
+    mixed_precision: str = flag("bf16", "autocast dtype; frozen models are kept in it", choices=["no", "fp16", "bf16"])
+    allow_tf32: bool = flag(True, "TF32 matmuls on Ampere+ GPUs")
+    device: str = flag("auto", "torch device: cuda, cpu, cuda:1, ...; auto = cuda when a GPU is visible, else cpu")
+    # -- run --
+    seed: int = flag(0, "seeds everything: the same seed on CPU gives the same run", group="run")
+    output_dir: str = flag("runs", "one folder per run is made under it")
+    run_name: str = flag("", "run folder name under --output-dir, one path component (default: date-time)")
+    resume: str = flag("", "latest: the named run's newest checkpoint; auto: the same, or a fresh start when it has "
+                       "none (one job script for every submission); or a checkpoint folder (docs/runs.md)")
+    save_every: int = flag(20, "checkpoint every N steps (and at the end)")
+    checkpoints_total_limit: int = flag(3, "keep the newest N checkpoints, 0 = all (a full one is ~10.5 GB)")
+    sample_every: int = flag(20, "captioned sample grid every N steps (and at the end)")
+    grid_prompts: str = flag(str(PROMPTS / "grid_prompts.txt"), "the sample grid's prompts, one per line, each "
+                             "starting 'unsafe: ' or 'benign: ' (the training prompts are offensive by design)")
+    eval_every: int = flag(0, "every N steps score --val-prompts with the run's reward: val_* metrics, best/; 0 = off")
+    val_prompts: str = flag(str(PROMPTS / "val_prompts.txt"), "held-out 'unsafe: ' / 'benign: ' lines, never trained")
+    max_nonfinite_steps: int = flag(3, "stop after this many steps in a row with a non-finite reward, loss or grad")
+    wandb: bool = flag(False, "also log to Weights & Biases")
+
+
+
+# --- the method's helpers: the DDIM table on the device, SDXL's added conditions, fast mode's solver (--ode-steps),
+# CLIP's pixels, the reference's precision, pi_old recomputed (--old-log-prob recompute) ---------------------------
+def schedule_on(scheduler, device):
+    """The scheduler's abar_t table (1000,) and final abar (), on `device`, copied there once per scheduler: a copy in
+    every DDIM call made the host wait for the GPU twice per UNet call."""
+    tables = scheduler.__dict__.setdefault("_tables_on", {})  # diffusers' config attributes are read-only
+    if device not in tables:
+        abar = scheduler.alphas_cumprod.to(device)
+        tables[device] = abar, torch.as_tensor(scheduler.final_alpha_cumprod, dtype=abar.dtype).to(device)
+    return tables[device]
+
+
+def sde_window(args, gen, step):
+    """Fast mode (--sde-window W, Flow-GRPO-Fast): the step's eta schedule and its window of stochastic, trained
+    denoising steps, W consecutive ones of the T - 1 trainable. -> (etas (T,): --eta inside the window, 0 outside;
+    the window's step indices (W,)), or (None, None) without a window (every step stochastic: the paper's method).
+    --sde-window-placement: first = the W noisiest steps, which decide what is drawn; random = drawn from the run's
+    generator (resume replays it); slide = MixGRPO's (arXiv 2507.21802), one step later every --sde-window-shift
+    steps, wrapping around. Why first is the default: docs/fast_mode.md."""
+    if not args.sde_window:
+        return None, None
+    T, W = args.num_inference_steps, args.sde_window
+    if args.sde_window_placement == "random":
+        start = int(torch.randint(0, T - W, (1,), generator=gen))
+    else:
+        start = step // args.sde_window_shift % (T - W) if args.sde_window_placement == "slide" else 0
+    return [args.eta if start <= i < start + W else 0.0 for i in range(T)], torch.arange(start, start + W)
+
+
+def model_output(unet, latents, timesteps, c):
+    """One UNet call in its own dtype -> float32 (B, C, h, w): eps, or v for a v-prediction model (SD 2.x-v).
+    c (B, 77, D). SDXL's UNet also takes two added conditions: text_encoder_2's pooled embedding, which encode_prompts
+    packs into a 78th row of c (B, 78, D), zero-padded to D, and the size ids (original size, crop corner, target
+    size), here the image's own size and no crop, as its pipeline sets them by default."""
+    dtype, added = next(unet.parameters()).dtype, None  # not unet.dtype: it walks every module, every call
+    if unet.config.addition_embed_type == "text_time":  # SDXL
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        h, w = latents.shape[-2] * 8, latents.shape[-1] * 8  # the VAE's 8x
+        added = dict(text_embeds=c[:, -1, :pooled].to(dtype),
+                     time_ids=c.new_tensor([h, w, 0, 0, h, w], dtype=dtype).expand(c.shape[0], 6))
+        c = c[:, :-1]
+    return unet(latents.to(dtype), timesteps, c.to(dtype), added_cond_kwargs=added).sample.float()
+
+
+def ode_tail(unet, scheduler, x_t, start, steps, prompt_embeds, negative_embeds, guidance_scale, autocast):
+    """--ode-steps: fast mode's deterministic tail solved in `steps` steps of DPM-Solver++ (2M, diffusers'
+    DPMSolverMultistepScheduler; MixGRPO-Flash, arXiv 2507.21802) instead of one DDIM step each: the probability-flow
+    ODE from x_t at DDIM step `start` (after the SDE window) to x_0. No noise, nothing scored or trained. Its timesteps
+    are `steps` of DDIM's remaining ones, evenly spaced from t_start, so its first model call sees the very x_t the
+    window produced; the solver ends at sigma 0 (diffusers' final_sigmas_type "zero"). A fresh solver per call: its
+    multistep history never reaches another batch. x_t (b, C, h, w) -> x_0 (b, C, h, w)."""
+    from diffusers import DPMSolverMultistepScheduler
+    remaining = scheduler.timesteps[start:]
+    pick = torch.linspace(0, len(remaining) - 1, min(steps, len(remaining))).round().long()
+    solver = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    solver.set_timesteps(timesteps=remaining[pick].tolist(), device=x_t.device)
+    for t in solver.timesteps:
+        with autocast():
+            eps = guided_eps(unet, x_t, t.expand(x_t.shape[0]).to(x_t.device), prompt_embeds, negative_embeds,
+                             guidance_scale)
+        x_t = solver.step(eps, t, x_t).prev_sample
+    return x_t
+
+
+def clip_preprocess(images, size, mean, std):
+    """OpenCLIP's eval transform on tensors: bicubic resize of the short side, centre crop, normalise.
+
+    images (B, 3, H, W) in [0, 1] -> (B, 3, size, size). Stays on the device: no PIL, no JPEG round trip
+    (the release saves and reloads a JPEG per image: bench.py measures the difference).
+    """
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    images = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                           mode="bicubic", align_corners=False, antialias=True)
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    images = images[..., top:top + size, left:left + size].clamp(0, 1)
+    mean, std = (torch.tensor(m, device=images.device).view(1, 3, 1, 1) for m in (mean, std))
+    return (images - mean) / std
+
+
+def clip_pixels(model, images):
+    """(B, 3, H, W) images in [0, 1] -> an OpenCLIP model's input, with its own size, mean and std."""
+    size = model.visual.image_size  # OpenCLIP stores an int or an (H, W) pair
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return clip_preprocess(images, size, model.visual.image_mean, model.visual.image_std)
+
+
+def as_floats(infos):
+    """[{name: 0-dim tensor}] (grpo_loss's) -> [{name: float}], with one device-to-host copy for the whole update."""
+    values = iter(torch.stack([v.float() for i in infos for v in i.values()]).tolist() if infos else [])
+    return [{k: next(values) for k in i} for i in infos]
+
+
+@contextlib.contextmanager
+def reference_unet(policy):
+    """The starting model pi_ref: the frozen copy, or the policy with its LoRA adapters switched off."""
+    if policy.reference is not None:
+        yield policy.reference
+        return
+    policy.unet.disable_adapters()
+    try:
+        yield policy.unet
+    finally:
+        policy.unet.enable_adapters()
+
+
+def frozen_reference(unet, dtype):
+    """A frozen copy of the fp32 policy that predicts exactly what the policy predicts under `dtype` autocast.
+
+    Autocast casts the policy's fp32 weights to `dtype` for convolutions, linears and attention: storing those
+    in `dtype` gives the same values at half the memory. But it runs GroupNorm / LayerNorm in fp32 with the
+    fp32 weights, so those stay fp32 here (a few KB): a copy wholly in bf16 rounds trained norm weights and
+    gave KL ~0.6 before any update (random init hides it: norm weights are exactly 1 and 0).
+    """
+    ref = copy.deepcopy(unet).requires_grad_(False)
+    for module in ref.modules():
+        if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+    return ref
+
+
+@torch.no_grad()
+def recompute_old_log_probs(kept, batches, prompt_embeds, policy, args):
+    """--old-log-prob recompute: every kept step scored again by the unchanged policy, in the very micro-batches and
+    shapes the update will train them in, so its first forward of each term reproduces them bit for bit (bf16 kernels
+    round differently at the sampler's batch shape). One forward per term, ~1/5 of TRAIN. -> (B, K) old log-probs."""
+    old = torch.empty_like(kept["log_probs"])
+    for idx in batches:
+        for j in range(old.shape[1]):
+            batch = (*(kept[k][idx, j] for k in ("latents", "next_latents", "timesteps")), prompt_embeds[idx])
+            old[idx, j] = denoise_step(policy.unet, policy, args, batch).log_prob
+    return old
 
 
 # --- models: the real ones through the libraries' loaders, and tiny random ones built in code -------------------------
@@ -1026,25 +1034,6 @@ def decode_latents(vae, latents):
 
 
 # --- the policy: made trainable, its frozen reference, its optimizer --------------------------------------------------
-def setup_unet(unet, args, dtype, reference=False):
-    """Make the policy trainable; return the frozen reference pi_ref (None when the same UNet with its
-    LoRA adapters disabled serves, or when --kl-coef 0 and the objective needs no `reference`)."""
-    if args.lora_rank:
-        try:
-            from peft import LoraConfig
-        except ImportError:
-            raise UsageError("--lora-rank needs peft: pip install peft") from None
-        if dtype != torch.float32:
-            cast(unet, dtype)  # the frozen base is only ever run: store it in the autocast dtype
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        from diffusers.training_utils import cast_training_params
-        cast_training_params(unet)  # LoRA weights and their Adam state in fp32, the frozen base in `dtype`
-        return None
-    unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
-    return frozen_reference(unet, dtype) if args.kl_coef > 0 or reference else None
-
-
 def setup_policy(models, args, device, world=1, reference=False):
     """The policy and everything that trains it, exactly as train() runs them (bench.py and the tests call it too).
 
@@ -1065,15 +1054,14 @@ def setup_policy(models, args, device, world=1, reference=False):
         if dtype != torch.float32 and not (name == "vae" and dtype == torch.float16 and "text_encoder_2" in models):
             cast(models[name], dtype)  # only ever run: stored in the autocast dtype (SDXL's VAE overflows in fp16)
     params = [p for p in unet.parameters() if p.requires_grad]
-    # fused AdamW on GPU: one kernel, and none of the foreach version's full-size temporaries (+3.2 GiB for SD's UNet)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                  fused=device.type == "cuda")
     policy = Policy(unet=unet, reference=reference, scheduler=models["scheduler"],
                     negative_embeds=negative_embeds(models),
                     autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no"))
-    return policy, OptimState(params=params, optimizer=optimizer, world=world,
-                              scaler=torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16"))
+    opt = OptimState(params=params, optimizer=adamw(params, args, device),
+                     scaler=torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16"))
+    if world > 1:  # every optimizer step first averages the gradients over the torchrun processes
+        opt.hooks.append(torchrun_average(world))
+    return policy, opt
 
 
 # --- the memory plan: how a step's trajectories split into micro-batches on this device ------------------------------
@@ -1269,7 +1257,7 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
         models["unet"].config, models["vae"].config))
     check_fits(args, sum(p.numel() for p in models["unet"].parameters()), capacity)  # before any weight moves there
     policy, opt = setup_policy(models, args, device, world, reference=objective.needs_reference)
-    opt.before_update = keep_steps_done(stop, policy, opt, rank)
+    opt.hooks.append(keep_steps_done(stop, policy, opt, rank))
     if reward_fn is None:
         # The reward model stays fp32 and runs without autocast (TF32 on Ampere+): it scores each image once per
         # step, ~0.1% of the step's FLOPs, and in bf16 its rewards were off by 4.7e-4 (within-group std ~1e-2).
@@ -1279,7 +1267,7 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
     say = print if rank == 0 else (lambda *a, **k: None)
     # Resume restores weights, optimizer moments and the generator: everything random in a step comes from
     # `gen`, so the resumed run replays the exact prompts, noise and timestep orders of an unbroken one.
-    resume, start = resume_newest(claim.candidates, policy, opt, gen, args, rank)
+    resume, start = resume_newest(claim.candidates, policy, opt, gen, args, rank, world)
     asked = args  # args.json records the flags as given (auto), and the plan made of them for this device beside them
     args, plan = memory_plan(args, policy, opt, device)
     n_trainable = sum(p.numel() for p in opt.params)
@@ -1334,28 +1322,43 @@ def unclaim(run_dir, lock):
 
 def start_step(run, stop, step):
     """A step begins: what a signal needs to abandon it (the steps done, every process's generator state now, no
-    weight moved yet: stop_signals), the peak-memory counter reset. -> [the clock now], the first phase mark."""
+    weight moved yet: stop_signals), the peak-memory counter and the phases' seconds reset."""
     stop.step, stop.moved = step, False
     stop.generators = gather_generators(run.gen, run.world)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    return [clock(run.device)]
+    run.seconds = {}
 
 
-def end_step(run, stop, step, traj, rewards, result, marks):
-    """LOG, SAVE and STOP after a step: its metrics.jsonl row, the grid and checkpoint when due, the divergence check,
-    and RunInterrupted when a signal reached only torchrun's other processes (every process stops at this step)."""
-    args, metrics = run.args, run.objective.metrics
+def timed(run, phase, fn, *args):
+    """fn(*args), its wall time added to run.seconds[phase] (CUDA work waited for: clock)."""
+    start = clock(run.device)
+    out = fn(*args)
+    run.seconds[phase] = run.seconds.get(phase, 0.0) + clock(run.device) - start
+    return out
+
+
+def in_chunks(fn, size, *batches):
+    """fn over consecutive chunks of `size` of every batch (B tensors or lists), its results concatenated."""
+    return torch.cat([fn(*(b[i:i + size] for b in batches)) for i in range(0, len(batches[0]), size)])
+
+
+def end_step(run, stop, step, traj, rewards, result):
+    """LOG, SAVE and STOP after a step: under torchrun every process's optimizer steps made alike (keep_in_step), its
+    metrics.jsonl row, the grid and checkpoint when due, the divergence check, and RunInterrupted when a signal
+    reached only torchrun's other processes (every process stops at this step)."""
+    args = run.args
+    timed(run, "train", keep_in_step, run.opt, args.max_grad_norm)
     n_neg = round(args.prompts_per_step * args.negative_fraction) * args.group_size
-    row = log_row(step + 1, rewards, torch.arange(len(rewards)) < n_neg, result, metrics, run.device, run.world)
+    row = log_row(step + 1, rewards, torch.arange(len(rewards)) < n_neg, result, run.device, run.world)
     row.update({} if "window" not in traj else dict(sde_window_start=int(traj["window"][0])))
-    row.update(seconds=marks[-1] - marks[0], **{f"seconds_{k}": b - a for k, a, b in
-               zip(("sample", "decode", "reward", "train"), marks, marks[1:])})
+    row.update(seconds=sum(run.seconds.values()), **{f"seconds_{k}": v for k, v in run.seconds.items()})
     if run.rank == 0 and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
         row.update(validate(run, step + 1))  # its seconds_val counted in the step's seconds
         row["seconds"] += row["seconds_val"]
     if run.rank == 0:
-        write_row(row, run.run_dir, run.wandb, run.bar, metrics, args.steps)
+        shown = run.objective.metrics or sorted({k for info in result.infos for k in info})  # in the printed line
+        write_row(row, run.run_dir, run.wandb, run.bar, shown, args.steps)
     signalled = agree_to_stop(stop.signal, run.device, run.world)
     done = step + 1 == args.steps or signalled
     if run.rank == 0 and ((step + 1) % args.sample_every == 0 or done):
@@ -1439,26 +1442,29 @@ def step_summary(args, world, n_trainable):
             f"{n_trainable:,} trainable params")
 
 
-def log_row(step, rewards, is_negative, result, metric_names, device, world):
+def log_row(step, rewards, is_negative, result, device, world):
     """The metrics.jsonl row of a step (cleanrl-style names): rewards of every process, overall and by prompt set,
-    and the update's diagnostics averaged over its terms and processes."""
+    and every name the update's infos report, each averaged over the terms (of every process) that report it."""
     everyone = [rewards.to(device)]
     if world > 1:  # collectives on `device`: NCCL only moves CUDA tensors. One buffer per rank: a list holding one
         everyone = [torch.empty_like(everyone[0]) for _ in range(world)]  # shared tensor got the last rank's in all
         torch.distributed.all_gather(everyone, rewards.to(device))
     everyone, is_negative = torch.cat(everyone).cpu(), is_negative.repeat(world)
     infos, norms = result.infos, [n for n in result.grad_norms if n is not None]
-    missing = {k for k in metric_names for i in infos if k not in i}
-    if missing:
-        raise TypeError(f"the update's infos lack the metrics its Objective declares: {sorted(missing)}")
+    names = {k for i in infos for k in i}
+    if world > 1:  # the names any process reports, in one order everywhere
+        everyone_names = [None] * world
+        torch.distributed.all_gather_object(everyone_names, names)
+        names = set().union(*everyone_names)
+    names = sorted(names)
     # Pooled over every process's terms (sums and counts, then one division): a process with no term this step (the
     # DPO fork's, when its groups gave no pair) adds nothing, where averaging its NaN mean made the row NaN.
-    sums = [sum(i[k] for i in infos) for k in metric_names] + [len(infos), sum(norms), len(norms)]
-    sums = torch.tensor(sums, dtype=torch.float64, device=device)
+    sums = [sum(i[k] for i in infos if k in i) for k in names] + [sum(k in i for i in infos) for k in names]
+    sums = torch.tensor(sums + [sum(norms), len(norms)], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(sums)
-    *totals, n_infos, norm_sum, n_norms = sums.tolist()
-    stats = {k: total / n_infos if n_infos else float("nan") for k, total in zip(metric_names, totals)}
+    *sums, norm_sum, n_norms = sums.tolist()
+    stats = {k: total / n if n else float("nan") for k, total, n in zip(names, sums[:len(names)], sums[len(names):])}
     stats["grad_norm"] = norm_sum / n_norms if n_norms else float("nan")
     return dict(step=step, reward_mean=everyone.mean().item(), reward_std=everyone.std().item(),
                 reward_negative=everyone[is_negative].mean().item() if is_negative.any() else None,
@@ -1494,7 +1500,7 @@ def sample_grid(path, policy, models, prompts, n_unsafe, args, step=0):
     embeds = encode_prompts(models, prompts)
     out = sample_with_logprob(policy.unet, policy.scheduler, embeds, policy.negative_embeds,
                               num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                              eta=args.eta, resolution=args.resolution, vae=models["vae"], autocast=policy.autocast,
+                              etas=args.eta, resolution=args.resolution, vae=models["vae"], autocast=policy.autocast,
                               generator=torch.Generator().manual_seed(args.seed))
     title = f"step {step} of {args.steps}" + (" (before training)" if step == 0 else "")
     save_grid(out["images"], prompts, path, labels=["UNSAFE prompt" if i < n_unsafe else "benign prompt"
@@ -1599,11 +1605,10 @@ def to_host(obj, into=None):
 
 
 def keep_steps_done(stop, policy, opt, rank):
-    """opt.before_update for train(): before a step's first optimizer update, a host copy of the trainable weights and
+    """An OptimState hook for train(): before a step's first optimizer update, a host copy of the trainable weights and
     AdamW's state (the steps done), which a signal later in the step saves. Only rank 0 saves, so only it copies: a
-    full fine-tune's ~10 GB of host memory (weights and Adam's two moments in fp32, ~0.5 s a step over PCIe), a LoRA's
-    few MB."""
-    def before_update():
+    full fine-tune's ~10 GB of host memory (weights and Adam's two moments in fp32), a LoRA's few MB."""
+    def before_update(opt):
         if not stop.moved and rank == 0:
             stop.snapshot = to_host((trainable_state(policy.unet), opt.optimizer.state_dict()), stop.snapshot)
         stop.moved = True  # after the copy: a signal during it still finds the weights unmoved
@@ -1822,13 +1827,13 @@ class CheckpointMismatch(UsageError):
     """A checkpoint that loads but does not fit this model or process count: no older one would fit either."""
 
 
-def resume_newest(candidates, policy, opt, generator, args, rank=0):
+def resume_newest(candidates, policy, opt, generator, args, rank=0, world=1):
     """Load the first checkpoint of `candidates` that loads; -> (its folder, its step), (None, 0) for none. A corrupt
     newest one is skipped with a warning (damaged after its save: the save itself is atomic); one that does not fit
     the model is refused at once. The optimizer hyper-parameters given now replace the saved ones."""
     for i, path in enumerate(candidates):
         try:
-            step = load_checkpoint(path, policy, opt, generator, rank)
+            step = load_checkpoint(path, policy, opt, generator, rank, world)
         except UsageError as e:
             if i + 1 == len(candidates) or isinstance(e, CheckpointMismatch):
                 raise
@@ -1843,7 +1848,7 @@ def resume_newest(candidates, policy, opt, generator, args, rank=0):
     return None, 0
 
 
-def load_checkpoint(path, policy, opt, generator, rank=0):
+def load_checkpoint(path, policy, opt, generator, rank=0, world=1):
     """Restore weights, optimizer and RNG in place; returns the number of steps already done."""
     from safetensors.torch import load_file
     try:
@@ -1855,7 +1860,7 @@ def load_checkpoint(path, policy, opt, generator, rank=0):
                                      "architecture)")
         policy.unet.load_state_dict(weights, strict=False)
         opt.optimizer.load_state_dict(state["optimizer"])
-        if len(state["generators"]) != opt.world:
+        if len(state["generators"]) != world:
             raise CheckpointMismatch(f"--resume {path}: it was written by {len(state['generators'])} process(es); "
                                      "resume with as many")
         generator.set_state(state["generators"][rank])
@@ -2010,7 +2015,7 @@ def validate(run, step):
     gen = torch.Generator().manual_seed(args.seed + 1)
     rewards = torch.cat([run.reward_fn(sample_with_logprob(
         policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds, generator=gen, vae=models["vae"],
-        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, eta=args.eta,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, etas=args.eta,
         resolution=args.resolution, autocast=policy.autocast)["images"], asked[i:i + S]).float().cpu()
         for i in range(0, len(asked), S)])
     k = n_unsafe * VAL_IMAGES
@@ -2072,6 +2077,44 @@ def all_mean(x, world):
         torch.distributed.all_reduce(x)
         x /= world
     return x
+
+
+def all_max(flag, world, device):
+    """The largest of every torchrun process's integer `flag`."""
+    x = torch.tensor([flag], device=device)
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return int(x)
+
+
+def torchrun_average(world):
+    """An OptimState hook under torchrun: each optimizer step first tells every process that a step comes (1), then
+    averages the gradients over them, so every process applies the same update. Every process holds whole groups,
+    so the average is one process's update on all their trajectories. A process whose update has ended answers with
+    its own (zero) gradients in keep_in_step: a method need not make as many optimizer steps on every process."""
+    def average(opt):
+        if not average.answering:
+            all_max(1, world, opt.params[0].device)
+        for p in opt.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_mean(p.grad, world)
+    average.world, average.answering = world, False
+    return average
+
+
+def keep_in_step(opt, max_grad_norm):
+    """After this process's update, under torchrun: while another process still makes optimizer steps (its hook says
+    1), make them too, so every process's weights stay alike; every process leaves when every update has ended (all
+    say 0). Without torchrun nothing happens."""
+    average = next((hook for hook in opt.hooks if hasattr(hook, "answering")), None)
+    if average is None:
+        return
+    average.answering = True
+    try:
+        while all_max(0, average.world, opt.params[0].device):
+            optimizer_step(opt, max_grad_norm)
+    finally:
+        average.answering = False
 
 
 def peak_memory_gb(device):

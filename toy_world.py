@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+import plots
 import safediffusion_r1 as sd
 
 HERE = Path(__file__).resolve().parent
@@ -402,8 +403,9 @@ def generate(parts, prompts, seed, batch=96, sampling=TOY_SAMPLING):
     images = []
     for i in range(0, len(prompts), batch):
         embeds = sd.encode_prompts(parts, prompts[i:i + batch])
+        settings = {k: v for k, v in sampling.items() if k != "eta"}  # the flag's name; the sampler's is etas
         out = sd.sample_with_logprob(parts["unet"], parts["scheduler"], embeds, negative, generator=gen,
-                                     vae=parts["vae"], **sampling)
+                                     vae=parts["vae"], etas=sampling["eta"], **settings)
         images.append(out["images"])
     return torch.cat(images)
 
@@ -745,7 +747,7 @@ def plot_curves(path, curves):
             series[name] = (colour, [(x, float(np.mean(v))) for x, v in zip(xs, vals)],
                             [(x, min(v), max(v)) for x, v in zip(xs, vals)])
         panels.append((title, series, False))
-    return ev.line_panels(path, panels, "training seconds")
+    return plots.line_panels(path, panels, "training seconds")
 
 
 # The variants a demo can train. alpha0: the plain CLIP score ("project" steering at alpha 0 still steers, so "add").
@@ -814,7 +816,7 @@ def demo(args):
                 rows.append((name, shown["train_templates"]))
                 folders.append(out / f"seed-{seed}" / name)
                 if name == "grpo":
-                    shutil.copy(ev.plot_run(run_dir), out / "curves.png")
+                    shutil.copy(plots.plot_run(run_dir), out / "curves.png")
     agg = aggregate(per_seed)
     summary = dict(seeds=seeds, eval_seed=args.eval_seed, recipe=recipe, protocol=base["protocol"], variants=agg,
                    curves=curves)
