@@ -9,7 +9,7 @@ The method, top to bottom:
   3. Normalise rewards within each group (GRPO advantages), then update the UNet one denoising step
      at a time with the PPO clipped-ratio objective plus a KL penalty to the starting model.
 
-Deviations from the paper / the authors' release (each is also noted where it happens, and in the README):
+Deviations from the paper / the authors' release (each is also noted where it happens, and in docs/deviations.md):
   - fresh initial noise per image (the release shares one noise across the whole batch);
   - rewards are scored in memory on the batch (the release writes JPEGs and scores them one by one);
   - a closed-form KL penalty to the reference (the release only logs approx_kl; --kl-coef 0 = release);
@@ -24,9 +24,10 @@ Run:
   evaluate  : python eval.py --help          measure: python bench.py --tiny
 
 Layout: the method first, 1 config | 2 sampler | 3 reward | 4 loss and update | 5 training loop; then, below the
-PLUMBING line, what a reader and a forker may skip: exceptions, the command line and its checks, model loaders and
-tiny models, the policy's setup, checkpoints and run files, logging, signals, torchrun. A new method is an
-`Objective` (section 4): fork_dpo.py is the worked example. Nothing runs at import time.
+PLUMBING line, what a reader and a forker may skip: the run's flags, exceptions, the method's helpers (fast mode's
+window and solver, CLIP's pixels, precision), model loaders and tiny models, the policy's setup, the memory plan,
+checkpoints and run files, logging and timing, signals, torchrun, the command line and its checks. A new method is
+an `Objective` (section 4): fork_dpo.py is the worked example. Nothing runs at import time.
 """
 import argparse
 import contextlib
@@ -103,13 +104,6 @@ class MethodArgs:
         "CPU; the optimizer step still averages 2 x --gradient-accumulation-steps trajectories")
     gradient_accumulation_steps: int = flag(16, "micro-batches per optimizer step (2 x 16 = the release's 8 x 4)")
     timestep_fraction: float = flag(1.0, "fraction of the T-1 trainable denoising steps trained per trajectory")
-    sde_window: int = flag(0, "fast mode (a deviation, docs/fast_mode.md): eta > 0 and training only on W consecutive "
-                           "denoising steps; 0 = every step, the paper's method")
-    sde_window_placement: str = flag("first", "first = the W noisiest steps; random = a new place each step; "
-                                     "slide = one step later every --sde-window-shift steps",
-                                     choices=["first", "random", "slide"])
-    sde_window_shift: int = flag(0, "with --sde-window-placement slide: training steps between two moves (N >= 1)")
-    ode_steps: int = flag(0, "with --sde-window: the steps after the window in K DPM-Solver++ steps; 0 = DDIM's")
     clip_range: float = flag(1e-4, "PPO clip range epsilon_clip: rho is clipped to [1 - it, 1 + it]")
     old_log_prob: str = flag("on-policy", "pi_old's log-prob in rho: on-policy = the policy's own until the step's "
                              "first update, then the sampler's; sampler = the release's; recompute = rescored at the "
@@ -196,11 +190,9 @@ def ddim_mean(scheduler, eps, timesteps, latents, eta=1.0):
 
 
 def guided_eps(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
-    """Classifier-free guided eps = eps_u + w (eps_c - eps_u), both halves in one UNet call.
-
-    latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D); negative_embeds (1, 77, D) -> (B, C, h, w), float32.
-    (A v-prediction UNet's output is v, and so is this; ddim_mean turns it into eps.)
-    """
+    """Classifier-free guided eps = eps_u + w (eps_c - eps_u), both halves in one UNet call (model_output: v for a
+    v-prediction UNet, which ddim_mean turns into eps). latents (B, C, h, w); timesteps (B,); prompt_embeds (B, 77, D);
+    negative_embeds (1, 77, D) -> (B, C, h, w), float32."""
     b = latents.shape[0]
     c = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds])
     eps_u, eps_c = model_output(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), c).chunk(2)
@@ -618,6 +610,14 @@ EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again": a job script re-submi
 class Args(MethodArgs):
     """Every flag of the trainer: the method's (MethodArgs) and the run's. A fork subclasses it to add its own
     (fork_dpo.DPOArgs)."""
+    # -- fast mode (a deviation, experimental: docs/fast_mode.md) --
+    sde_window: int = flag(0, "eta > 0 and training only on W consecutive denoising steps (sde_window); 0 = every "
+                           "step, the paper's method", group="fast mode (a deviation, experimental)")
+    sde_window_placement: str = flag("first", "first = the W noisiest steps; random = a new place each step; "
+                                     "slide = one step later every --sde-window-shift steps",
+                                     choices=["first", "random", "slide"])
+    sde_window_shift: int = flag(0, "with --sde-window-placement slide: training steps between two moves (N >= 1)")
+    ode_steps: int = flag(0, "with --sde-window: the steps after the window in K DPM-Solver++ steps; 0 = DDIM's")
     # -- memory and speed (diffusers' flag names) --
     gradient_checkpointing: bool = flag(None, "recompute UNet activations in backward; unset: the memory plan decides",
                                         group="memory and speed")
