@@ -16,12 +16,12 @@ from testkit import (HERE, SD14_INDEX, SD14_SCHEDULER, SD21_INDEX, SD21_SCHEDULE
                      SDXL_SCHEDULER, TINY_CLIP_CFG, save_standin, standin_text_encoder)  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: every test file reads it, none changes it
 def tiny():
     return sd.build_tiny_models(seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: every test file reads it, none changes it
 def real_format(tmp_path_factory):
     """{sd: a diffusers SD 1.4 folder, clip: an OpenCLIP local-dir folder, hps: an HPSv2-format checkpoint}."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -59,7 +59,7 @@ def real_format(tmp_path_factory):
     return dict(sd=folder, clip=clip_dir, hps=hps, models=m)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: every test file reads it, none changes it
 def families(tmp_path_factory, real_format):
     """{"SD 2.x-v", "SD 2.x" (-base), "SDXL": folder; "clip": the OpenCLIP stand-in}: tiny models in real layouts,
     built here from diffusers' and transformers' classes (independently of the code under test's builders)."""
