@@ -1205,13 +1205,38 @@ def plan_line(plan, before=None):
 PROMPT_CHARS = 4000  # 77 CLIP tokens never span more (the longest token in its vocabulary is ~20 characters)
 
 
+@dataclasses.dataclass
+class Run:
+    """What train() runs with, made by setup_run before the first step; the loop reads it, end_step updates it."""
+    args: Args                        # the run's own flags (a resumed run's for every flag not named now), planned
+    objective: Objective              # GRPO, or a fork's
+    rank: int                         # this torchrun process (0 writes every file)
+    world: int                        # torchrun processes (1 without torchrun)
+    device: torch.device
+    gen: torch.Generator              # the run's one CPU generator: every random draw of a step
+    models: dict                      # load_models's: unet, vae, text encoder(s), tokenizer(s), scheduler, reward model
+    policy: Policy
+    opt: OptimState
+    reward_fn: typing.Callable        # objective.reward_fn, or the steering reward of --reward-model
+    negatives: list                   # the unsafe training prompts
+    positives: list                   # the benign training prompts
+    grid: tuple                       # the sample grid's (prompts, how many are unsafe)
+    val: typing.Optional[tuple]       # --eval-every's (prompts, how many are unsafe), or None
+    best: typing.Optional[tuple]      # best/'s (val_reward, step) so far, or None
+    start: int                        # steps already done
+    saved_step: int                   # the newest checkpoint this run wrote or resumed from
+    bar: typing.Any                   # the steps left, with a progress bar on a terminal
+    run_dir: typing.Optional[Path]    # the run folder (None on ranks > 0)
+    lock: typing.Any                  # the run folder's lock, let go when the run ends
+    say: typing.Callable              # print on rank 0, nothing elsewhere
+    wandb: typing.Any = None          # the W&B run with --wandb
+    bad_steps: int = 0                # steps in a row with a non-finite reward, loss or gradient
+    seconds: dict = dataclasses.field(default_factory=dict)  # this step's seconds per phase (timed)
+
+
 def setup_run(args, objective, models, stop):
     """Everything train() needs before its first step: every check before any work, every write after every check.
-    -> namespace: args (a resumed run's own for every flag not named now), objective, rank, world, device, gen (the
-    run's one CPU generator), models, policy and opt (setup_policy), reward_fn, negatives / positives (the prompt
-    sets), grid (prompts, unsafe count), start (steps already done), saved_step (the newest checkpoint this run wrote
-    or resumed from), bar (the steps left, with a progress bar), run_dir, lock, say (print on rank 0), wandb,
-    bad_steps."""
+    -> Run."""
     if not args.resume:  # a resumed run's flags are checked once they are its own (setup_claimed)
         check_args(args)
     check_output_dir(args.output_dir)
@@ -1298,11 +1323,10 @@ def setup_claimed(args, objective, models, stop, rank, world, device, claim, loc
     from tqdm import tqdm  # the bar only on a terminal: in a file its carriage returns would garble the step lines
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="steps", dynamic_ncols=True,
                disable=rank > 0 or not sys.stderr.isatty())
-    return types.SimpleNamespace(args=args, objective=objective, rank=rank, world=world, device=device, gen=gen,
-                                 models=models, policy=policy, opt=opt, reward_fn=reward_fn, negatives=negatives,
-                                 positives=positives, grid=grid, val=val, best=best_so_far(run_dir, rank),
-                                 start=start, saved_step=start, bar=bar, bad_steps=0,
-                                 run_dir=run_dir if rank == 0 else None, lock=lock and lock[0], say=say, wandb=wandb)
+    return Run(args=args, objective=objective, rank=rank, world=world, device=device, gen=gen, models=models,
+               policy=policy, opt=opt, reward_fn=reward_fn, negatives=negatives, positives=positives, grid=grid,
+               val=val, best=best_so_far(run_dir, rank), start=start, saved_step=start, bar=bar,
+               run_dir=run_dir if rank == 0 else None, lock=lock and lock[0], say=say, wandb=wandb)
 
 
 def unclaim(run_dir, lock):
