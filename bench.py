@@ -269,7 +269,8 @@ def trained_like(*modules, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The fast recipe chosen on the toy bench (README) and, for scale, wider windows and DanceGRPO's timestep subset.
+# The fast recipe chosen on the toy bench (docs/fast_mode.md) and, for scale, wider windows and DanceGRPO's timestep
+# subset.
 # The placement and --share-noise change no FLOPs; the learning rate is the user's to set.
 FAST_RECIPE = ["--sde-window", "1", "--share-noise"]
 FAST_RECIPES = {"default (the paper's method)": [], "--timestep-fraction 0.25": ["--timestep-fraction", "0.25"],

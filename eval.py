@@ -184,7 +184,7 @@ def model_advice(model, error):
     if Path(model).exists() or model.startswith((".", "/", "~", "models/")) or model.count("/") != 1:
         return (f"--model {model}: no diffusers Stable Diffusion folder there ({error}; it needs model_index.json). "
                 "The released models: hf download ItsMaxNorm/SafeDiffusion-R1 --include 'scaled/*' --local-dir "
-                "models/r1, then --model models/r1/scaled (README, 'The release's table')")
+                "models/r1, then --model models/r1/scaled (docs/evaluation.md, 'The release's table')")
     return (f"cannot load Stable Diffusion '{model}' ({error}); download it with `hf download {model} --local-dir "
             "models/sd` and pass --model models/sd")
 

@@ -895,7 +895,8 @@ def model_index(model):
     kind = index.get("_class_name", FAMILIES[0])
     if kind not in FAMILIES:
         raise UsageError(f"--model {model} is a {kind}; SD 1.x, SD 2.x (StableDiffusionPipeline) and SDXL "
-                         "(StableDiffusionXLPipeline) are supported (SD3 and FLUX are flow matching: README)")
+                         "(StableDiffusionXLPipeline) are supported (SD3 and FLUX are flow matching: "
+                         "docs/base_models.md)")
     check_scheduler(model, scheduler if isinstance(scheduler, dict) else {})
     return index
 
@@ -1085,7 +1086,7 @@ def check_fits(args, n_params, capacity):
         return
     raise UsageError(f"a full fine-tune of this {n_params / 1e9:.1f} B-parameter UNet needs {need / GIB:.0f} GiB for "
                      f"its weights, gradients and AdamW state alone, more than the {capacity / GIB:.0f} GiB here: "
-                     f"train LoRA (--lora-rank 64: the 24 GB plan, README) or use a card with over "
+                     f"train LoRA (--lora-rank 64: the 24 GB plan, docs/base_models.md) or use a card with over "
                      f"{need / GIB + 16:.0f} GiB")
 
 

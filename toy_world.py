@@ -751,7 +751,7 @@ def plot_curves(path, curves):
 
 
 # The variants a demo can train. alpha0: the plain CLIP score ("project" steering at alpha 0 still steers, so "add").
-# Fast mode (--sde-window, a deviation), as measured in the README: grpo_fast is the recipe chosen on the validation
+# Fast mode (--sde-window, a deviation), measured in docs/fast_mode.md: grpo_fast is the recipe chosen on the validation
 # seeds, its learning rate included (so it runs beside the default in one demo); the grid grpo_w{W}_{placement}[_shared]
 # (W of the 9 trainable steps stochastic and trained, fresh or group-shared initial noise) and the sliding window
 # (MixGRPO, over the 8 starts in 32 steps) take the demo's --learning-rate; --timestep-fraction 0.25 trains 2 of 9
