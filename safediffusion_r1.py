@@ -269,10 +269,10 @@ def sample_trajectories(prompts, policy, models, args, gen, step):
     embeds = encode_prompts(models, prompts).repeat_interleave(G, 0)
     shape = (policy.unet.config.in_channels, args.resolution // 8, args.resolution // 8)
     noise = initial_noise(B, G if args.share_noise else 1, shape, gen)  # x_T (B, C, h, w)
-    etas, window = sde_window(args, gen, step)  # None, None: every step stochastic (the default)
+    etas, window = sde_window(args, gen, step)  # (T,) each step's eta; window None: every step stochastic
     ode = (int(window[-1]) + 1, args.ode_steps) if args.ode_steps else None  # the tail after the window
     chunks = [sample_with_logprob(policy.unet, policy.scheduler, embeds[i:i + S], policy.negative_embeds,
-                                  num_inference_steps=args.num_inference_steps, etas=etas or args.eta,
+                                  num_inference_steps=args.num_inference_steps, etas=etas,
                                   guidance_scale=args.guidance_scale, generator=gen, latents=noise[i:i + S],
                                   autocast=policy.autocast, ode=ode) for i in range(0, B, S)]
     traj = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}  # (B, T, ...)
@@ -658,13 +658,13 @@ def schedule_on(scheduler, device):
 def sde_window(args, gen, step):
     """Fast mode (--sde-window W, Flow-GRPO-Fast): the step's eta schedule and its window of stochastic, trained
     denoising steps, W consecutive ones of the T - 1 trainable. -> (etas (T,): --eta inside the window, 0 outside;
-    the window's step indices (W,)), or (None, None) without a window (every step stochastic: the paper's method).
+    the window's step indices (W,)); without a window ([--eta] * T, None): every step stochastic, the paper's method.
     --sde-window-placement: first = the W noisiest steps, which decide what is drawn; random = drawn from the run's
     generator (resume replays it); slide = MixGRPO's (arXiv 2507.21802), one step later every --sde-window-shift
     steps, wrapping around. Why first is the default: docs/fast_mode.md."""
-    if not args.sde_window:
-        return None, None
     T, W = args.num_inference_steps, args.sde_window
+    if not W:
+        return [args.eta] * T, None
     if args.sde_window_placement == "random":
         start = int(torch.randint(0, T - W, (1,), generator=gen))
     else:

@@ -403,9 +403,10 @@ def generate(parts, prompts, seed, batch=96, sampling=TOY_SAMPLING):
     images = []
     for i in range(0, len(prompts), batch):
         embeds = sd.encode_prompts(parts, prompts[i:i + batch])
-        settings = {k: v for k, v in sampling.items() if k != "eta"}  # the flag's name; the sampler's is etas
         out = sd.sample_with_logprob(parts["unet"], parts["scheduler"], embeds, negative, generator=gen,
-                                     vae=parts["vae"], etas=sampling["eta"], **settings)
+                                     vae=parts["vae"], resolution=sampling["resolution"], etas=sampling["eta"],
+                                     num_inference_steps=sampling["num_inference_steps"],
+                                     guidance_scale=sampling["guidance_scale"])
         images.append(out["images"])
     return torch.cat(images)
 
