@@ -61,23 +61,19 @@ PROMPTS = HERE / "prompts"
 # 1. Config: the method's flags, each with its default (the release's unless its help says otherwise) and its help
 # ==================================================================================================
 def flag(default, help, **kw):
-    """A command-line flag as a dataclass field: its default, its --help text, and argparse keywords (`choices`,
-    or `group` to open a new heading in --help). parse_args turns each field into --the-field-name."""
+    """A flag as a dataclass field: default, --help text, argparse keywords (`choices`; `group` opens a heading)."""
     return dataclasses.field(default=default, metadata=dict(help=help, **kw))
 
 
 @dataclasses.dataclass
 class MethodArgs:
-    """The method's flags: the field's name is the flag (--group-size for group_size), its default the release's value
-    unless its help says otherwise. Args (below the PLUMBING line) adds the run's: memory, speed, files, logging."""
-    # -- models --
+    """The method's flags (group_size is --group-size). Args, below the PLUMBING line, adds the run's flags."""
     model: str = flag("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x, SD 2.x or SDXL repo id or local folder",
                       group="models")
     reward_model: str = flag("ViT-H-14", "OpenCLIP architecture, or local-dir:FOLDER / hf-hub:ORG/NAME")
     reward_pretrained: str = flag("laion2b_s32b_b79k", "OpenCLIP pretrained tag or local weights file")
     reward_checkpoint: str = flag("", "state dict loaded strictly into --reward-model (the release's: HPSv2.1)")
     tiny: bool = flag(False, "tiny random models built in code: CPU, no downloads; the mechanics, not the paper")
-    # -- prompts and reward --
     negative_prompts: str = flag(str(PROMPTS / "train_negative.txt"), "unsafe training prompts, one per line",
                                  group="prompts and reward")
     positive_prompts: str = flag(str(PROMPTS / "train_positive.txt"), "benign training prompts, one per line")
@@ -87,7 +83,6 @@ class MethodArgs:
     alpha: float = flag(0.5, "steering strength; 0 = plain CLIP score (the release finds 0.3-0.7 alike)")
     steering: str = flag("add", "add: n(z + alpha v) (release); project: n(z - (z.v)v + alpha v)",
                          choices=["add", "project"])
-    # -- sampling --
     resolution: int = flag(0, "image side in pixels; 0 = the model's own (512 SD 1.x, 768 SD 2.x-v, 1024 SDXL)",
                            group="sampling")
     num_inference_steps: int = flag(50, "DDIM steps T")
@@ -95,7 +90,6 @@ class MethodArgs:
     eta: float = flag(1.0, "DDIM stochasticity; must be > 0 (eta = 0 has no log-probability)")
     share_noise: bool = flag(False, "one initial noise per group (the release shares it across the whole batch)")
     sample_batch_size: int = flag(8, "trajectories per sampling forward pass")
-    # -- GRPO --
     steps: int = flag(300, "outer steps: sample -> reward -> train (one GPU's share of a release epoch)", group="GRPO")
     prompts_per_step: int = flag(4, "prompts sampled per step (4 per GPU in the release)")
     group_size: int = flag(16, "images per prompt G")
@@ -110,7 +104,6 @@ class MethodArgs:
                              "training shape", choices=["on-policy", "sampler", "recompute"])
     adv_clip_max: float = flag(2.5, "advantages clamped to +-this")
     kl_coef: float = flag(0.01, "beta of the KL penalty to the starting model; 0 = the release (no KL)")
-    # -- optimisation --
     learning_rate: float = flag(1e-5, "AdamW learning rate", group="optimisation")
     adam_beta1: float = flag(0.9, "AdamW beta1")
     adam_beta2: float = flag(0.999, "AdamW beta2")
@@ -221,7 +214,6 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
                         guidance_scale=5.0, etas=1.0, generator=None, latents=None, resolution=512, vae=None,
                         autocast=contextlib.nullcontext, ode=None):
     """Roll out B trajectories of the stochastic DDIM policy and keep what GRPO needs.
-
     prompt_embeds (B, 77, D); negative_embeds (1, 77, D). The initial noise x_T is `latents` (B, C, h, w), or drawn
     per image from `generator` (a CPU generator, so a seed gives the same run on any device).
     `etas` (T,) is each step's eta, or one eta for every step: 0 makes a step deterministic DDIM (its log_prob is a
@@ -236,9 +228,7 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
         latents = initial_noise(b, 1, (unet.config.in_channels, resolution // 8, resolution // 8), generator)
     x_t = latents.to(device, torch.float32)
     steps = []
-    for i, t in enumerate(scheduler.timesteps):
-        if ode and i == ode[0]:
-            break
+    for i, t in enumerate(scheduler.timesteps[:ode[0] if ode else None]):  # with `ode`, the steps before its tail
         timesteps = t.expand(b).to(device)
         with autocast():
             eps = guided_eps(unet, x_t, timesteps, prompt_embeds, negative_embeds, guidance_scale)
@@ -261,9 +251,8 @@ def sample_with_logprob(unet, scheduler, prompt_embeds, negative_embeds, *, num_
 
 def sample_trajectories(prompts, policy, models, args, gen, step):
     """SAMPLE, the default Objective.sample: G trajectories per prompt, no grad, in batches of --sample-batch-size.
-    prompts: P str -> Trajectories of B = P x G laid out as P consecutive groups of G (group_advantages relies on
-    that order), with "window" under --sde-window. Noise, window and DDIM noise all come from `gen`; `step` (the
-    training step, from 0) places a sliding window."""
+    prompts: P str -> Trajectories of B = P x G as P consecutive groups of G (group_advantages relies on it), with
+    "window" under --sde-window. All randomness from `gen`; `step` (from 0) places a sliding window."""
     G, S = args.group_size, args.sample_batch_size
     B = len(prompts) * G
     embeds = encode_prompts(models, prompts).repeat_interleave(G, 0)
@@ -383,8 +372,7 @@ class OptimState:
     params: list                      # the trainable parameters: the whole UNet, or the LoRA adapters
     optimizer: torch.optim.Optimizer  # AdamW (adamw)
     scaler: torch.amp.GradScaler      # fp16's loss scale; a no-op otherwise: backward through scaler.scale(loss)
-    hooks: list = dataclasses.field(default_factory=list)  # train()'s, hook(opt) first in every optimizer step:
-    #                                   torchrun's gradient average and the preemption copy (plumbing, below)
+    hooks: list = dataclasses.field(default_factory=list)  # train()'s plumbing: hook(opt) opens optimizer_step
 
 
 @dataclasses.dataclass
@@ -393,16 +381,7 @@ class UpdateResult:
     metrics.jsonl row), and per optimizer step its gradient norm, None when it was skipped (non-finite)."""
     infos: list = dataclasses.field(default_factory=list)
     grad_norms: list = dataclasses.field(default_factory=list)
-
-    @property
-    def skipped(self):
-        return sum(norm is None for norm in self.grad_norms)
-
-
-def trained_timesteps(args):
-    """How many of a trajectory's trainable steps are trained: of its T - 1 (the last step never is, as in the
-    release), or of the --sde-window's W."""
-    return max(1, int((args.sde_window or args.num_inference_steps - 1) * args.timestep_fraction))
+    skipped = property(lambda self: sum(norm is None for norm in self.grad_norms))  # how many steps were skipped
 
 
 def denoise_step(unet, policy, args, batch):
@@ -505,8 +484,7 @@ class Objective:
     reward_fn: typing.Optional[typing.Callable] = None  # REWARD; None: the steering reward of --reward-model
 
     def __post_init__(self):  # a malformed objective fails here, not after a whole step has been sampled and trained
-        reward_ok = self.reward_fn is None or callable(self.reward_fn)
-        if not (callable(self.update) and callable(self.sample) and reward_ok):
+        if not all(map(callable, (self.update, self.sample, self.reward_fn or callable))):  # reward_fn: or None
             raise TypeError("Objective: update, sample and reward_fn (or None) must be callables")
         if isinstance(self.metrics, str) or not all(isinstance(name, str) for name in self.metrics):
             raise TypeError(f"Objective.metrics must be a tuple of info names, got {self.metrics!r}")
@@ -516,17 +494,8 @@ def setup_unet(unet, args, dtype, reference=False):
     """What trains: the whole UNet in fp32 (the release), or LoRA adapters of rank --lora-rank on the attention
     projections of a frozen base. -> the frozen reference pi_ref (None when the same UNet with its LoRA adapters
     disabled serves, or when --kl-coef 0 and the objective needs no `reference`)."""
-    if args.lora_rank:
-        try:
-            from peft import LoraConfig
-        except ImportError:
-            raise UsageError("--lora-rank needs peft: pip install peft") from None
-        if dtype != torch.float32:
-            cast(unet, dtype)  # the frozen base is only ever run: store it in the autocast dtype
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        from diffusers.training_utils import cast_training_params
-        cast_training_params(unet)  # LoRA weights and their Adam state in fp32, the frozen base in `dtype`
+    if args.lora_rank:  # LoRA weights and their Adam state in fp32, the frozen base stored in `dtype`
+        add_lora(unet, args.lora_rank, dtype, targets=["to_k", "to_q", "to_v", "to_out.0"])
         return None
     unet.float().requires_grad_(True)  # fp32 master weights; autocast runs the math in `dtype`
     return frozen_reference(unet, dtype) if args.kl_coef > 0 or reference else None
@@ -549,8 +518,7 @@ def train(args, objective=GRPO, models=None, reward_fn=None):
     """Run a method for --steps steps: GRPO, or a fork's Objective (fork_dpo.DPO). -> the run folder (None on torchrun
     ranks > 0, which write nothing). `models`: a dict as load_models returns, built by the caller (bench.py's random
     real-size ones) instead of loaded from --model. `reward_fn`: shorthand for the objective with that reward_fn."""
-    if reward_fn is not None:
-        objective = dataclasses.replace(objective, reward_fn=reward_fn)
+    objective = objective if reward_fn is None else dataclasses.replace(objective, reward_fn=reward_fn)
     with stop_signals(int(os.environ.get("RANK", 0))) as stop:  # a signal at any moment: the steps done are saved
         run = setup_run(args, objective, models, stop)  # the checks, the run folder, the models, the policy, resume
         args, policy, opt, models, gen = run.args, run.policy, run.opt, run.models, run.gen  # args: the plan's numbers
@@ -749,6 +717,20 @@ def reference_unet(policy):
         policy.unet.enable_adapters()
 
 
+def add_lora(unet, rank, dtype, targets):
+    """LoRA adapters of `rank` (alpha = rank, Gaussian init) on the `targets` projections, in fp32 with their Adam
+    state; the frozen base, only ever run, stored in the autocast `dtype`."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise UsageError("--lora-rank needs peft: pip install peft") from None
+    if dtype != torch.float32:
+        cast(unet, dtype)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+    from diffusers.training_utils import cast_training_params
+    cast_training_params(unet)
+
+
 def frozen_reference(unet, dtype):
     """A frozen copy of the fp32 policy that predicts exactly what the policy predicts under `dtype` autocast.
 
@@ -763,6 +745,12 @@ def frozen_reference(unet, dtype):
             for p in module.parameters(recurse=False):
                 p.data = p.data.to(dtype)
     return ref
+
+
+def trained_timesteps(args):
+    """How many of a trajectory's trainable steps are trained: of its T - 1 (the last step never is, as in the
+    release), or of the --sde-window's W."""
+    return max(1, int((args.sde_window or args.num_inference_steps - 1) * args.timestep_fraction))
 
 
 @torch.no_grad()
