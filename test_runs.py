@@ -23,9 +23,9 @@ import fork_dpo  # noqa: E402
 import plots  # noqa: E402
 import safediffusion_r1 as sd  # noqa: E402
 import toy_world as tw  # noqa: E402
-from testkit import (HERE, SMALL, brightness, ddp_worker, dpo_worker, fake_trajectories, log_row_worker,
-                     metrics, one_update, quick_run, run_main, signal_at, small_args, start_run, trainable,
-                     wait_for_rows)  # noqa: E402
+from testkit import (HERE, SMALL, brightness, ddp_worker, dpo_worker, fake_trajectories, free_port,
+                     log_row_worker, metrics, one_update, quick_run, run_main, signal_at, small_args, start_run,
+                     trainable, wait_for_rows)  # noqa: E402
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -192,7 +192,7 @@ def test_two_process_update_equals_the_single_process_update(tmp_path, tiny):
 def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path, fast_mode):
     out = tmp_path / "runs"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29517", str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "2",
+                           free_port(), str(HERE / "safediffusion_r1.py"), *SMALL, "--steps", "2",
                            "--output-dir", str(out), *fast_mode],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
@@ -467,8 +467,15 @@ def test_sigterm_mid_run_saves_a_checkpoint_and_resume_is_bit_exact(tmp_path):
     assert [r["step"] for r in metrics(resumed)] == list(range(1, 9))
 
 
+@pytest.fixture(scope="module")
+def straight5(tmp_path_factory):
+    """The uninterrupted 5-step run the four moments' resumed runs must equal (one run, not four)."""
+    return quick_run(tmp_path_factory.mktemp("straight"), "straight", 5)
+
+
 @pytest.mark.parametrize("moment", ["update", "grid", "save", "export"])
-def test_a_signal_at_any_moment_saves_the_steps_done_and_claims_only_what_it_saved(tmp_path, monkeypatch, moment):
+def test_a_signal_at_any_moment_saves_the_steps_done_and_claims_only_what_it_saved(tmp_path, monkeypatch, moment,
+                                                                                    straight5):
     """A SIGTERM after the step's save decision (the grid, the save itself) or during an update claimed a checkpoint
     it never wrote, or saved weights that one update had already moved. Now any moment of a step saves the steps done
     when it began, the line says which checkpoint is on disk, and resume replays the rest exactly; a signal during the
@@ -492,12 +499,11 @@ def test_a_signal_at_any_moment_saves_the_steps_done_and_claims_only_what_it_sav
     assert sd.checkpoint_step(sd.complete_checkpoints(run_dir)[0]) == done and not (run_dir / "final").exists()
     resumed = sd.train(small_args(tmp_path, "--run-name", "r", "--resume", "auto", "--save-every", "1"),
                        reward_fn=brightness)
-    straight = quick_run(tmp_path, "straight", 5)
-    a, b = trainable(resumed, 5), trainable(straight, 5)
+    a, b = trainable(resumed, 5), trainable(straight5, 5)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4, 5]
     weights = "final/unet/diffusion_pytorch_model.safetensors"
-    assert (resumed / weights).read_bytes() == (straight / weights).read_bytes()
+    assert (resumed / weights).read_bytes() == (straight5 / weights).read_bytes()
     assert not (run_dir / "final.tmp").exists()
 
 
@@ -531,7 +537,7 @@ def test_torchrun_preemption_longer_than_the_launchers_grace_keeps_the_checkpoin
                       "sd.main(objective=dataclasses.replace(sd.GRPO, reward_fn=slow))\n")
     out = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29519", "--shutdown-timeout", "3", str(script), *SMALL, "--steps", "6",
+                             free_port(), "--shutdown-timeout", "3", str(script), *SMALL, "--steps", "6",
                              "--output-dir", str(out), "--run-name", "t"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                                    "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)})

@@ -722,8 +722,8 @@ def test_micro_batches_of_2_and_8_give_the_same_accumulated_gradient(monkeypatch
         monkeypatch.setattr(sd, "optimizer_step", lambda opt, *a: grads.append([p.grad.clone() for p in opt.params]))
         sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, opt, args, torch.Generator().manual_seed(1))
     assert len(grads) == 2
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(*grads):  # equal to fp32 rounding, which moves with the kernels' thread count (5e-5 on 1 thread)
+        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-9, ((a - b).norm() / b.norm()).item()
     assert sum(g.abs().sum() for g in grads[0]) > 0
 
 
@@ -859,7 +859,10 @@ def test_the_window_is_the_only_stochastic_scored_and_trained_part(tiny, monkeyp
     calls, real_loss = [], sd.grpo_loss
     monkeypatch.setattr(sd, "grpo_loss", lambda *a, **k: calls.append(a[1]) or real_loss(*a, **k))
     infos = sd.grpo_update(traj, torch.linspace(-1, 1, 8), policy, opt, args, torch.Generator().manual_seed(1)).infos
-    trained = {(b, j) for old in calls for v in old for b, j in (traj["log_probs"] == v).nonzero().tolist()}
+    # which sampled step each old log-prob is: the first update's are the policy's own, recomputed at the training
+    # batch shape, so equal to the sampler's to rounding (bit for bit only at some thread counts)
+    trained = {(b, j) for old in calls for v in old
+               for b, j in torch.isclose(traj["log_probs"], v, rtol=0, atol=1e-5).nonzero().tolist()}
     assert {j for _, j in trained} == set(window.tolist()) and len(trained) == 8 * 2  # every window step, once
     assert infos[0]["approx_kl"] < 1e-12 and infos[0]["clipfrac"] == 0  # the ratio is 1 before any update
 

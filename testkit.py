@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,6 +219,13 @@ def one_update(traj, advantages, argv, world=1):
     opt.optimizer = torch.optim.SGD(opt.params, lr=1.0)
     sd.grpo_update(traj, advantages, policy, opt, args, torch.Generator().manual_seed(1))
     return sd.trainable_state(policy.unet)
+
+
+def free_port():
+    """A TCP port nobody listens on now, for torchrun's rendezvous (a fixed one collides with a parallel test)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def ddp_worker(rank, world, init_file, result_file):

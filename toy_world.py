@@ -758,7 +758,8 @@ def plot_curves(path, curves):
 # (MixGRPO, over the 8 starts in 32 steps) take the demo's --learning-rate; --timestep-fraction 0.25 trains 2 of 9
 # steps, the compute of W = 2, with every step stochastic. grpo_fast_ode{K}: grpo_fast with its 9 deterministic steps
 # after the window solved in K DPM-Solver++ steps (--ode-steps); grpo_fast_ode4_lr{LR}: that with K = 4 at another rate;
-# grpo_fast_ode4_g4[_lr7.5e-5]: K = 4 with groups of 4 images, half the images a step (two optimizer steps kept).
+# grpo_fast_ode4_g4[_lr7.5e-5]: K = 4 with groups of 4 images, half the images a step (two optimizer steps kept);
+# grpo_fast_ode4_p2: K = 4 with 2 prompts a step (one unsafe, one benign), groups of 8 kept, half the images a step.
 FAST_RECIPE = dict(sde_window=1, sde_window_placement="first", share_noise=True, learning_rate=5e-5)
 VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
                 grpo_kl0=dict(kl_coef=0.0), dpo=DPO_RECIPE, dpo_focus=dict(DPO_RECIPE, focus_gamma=2.0),
@@ -769,6 +770,8 @@ VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
                 **{f"grpo_fast_ode4_g4{suffix}": dict(FAST_RECIPE, ode_steps=4, group_size=4, sample_batch_size=16,
                                                       train_batch_size=8, **extra)
                    for suffix, extra in (("", {}), ("_lr7.5e-5", dict(learning_rate=7.5e-5)))},
+                grpo_fast_ode4_p2=dict(FAST_RECIPE, ode_steps=4, prompts_per_step=2, sample_batch_size=16,
+                                       train_batch_size=8),
                 grpo_w2_slide=dict(sde_window=2, sde_window_placement="slide", sde_window_shift=4),
                 **{f"grpo_w{w}_{place}" + "_shared" * shared: dict(sde_window=w, sde_window_placement=place,
                                                                    share_noise=shared)
