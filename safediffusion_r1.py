@@ -484,7 +484,8 @@ class Objective:
     reward_fn: typing.Optional[typing.Callable] = None  # REWARD; None: the steering reward of --reward-model
 
     def __post_init__(self):  # a malformed objective fails here, not after a whole step has been sampled and trained
-        if not all(map(callable, (self.update, self.sample, self.reward_fn or callable))):  # reward_fn: or None
+        reward_ok = self.reward_fn is None or callable(self.reward_fn)
+        if not (callable(self.update) and callable(self.sample) and reward_ok):
             raise TypeError("Objective: update, sample and reward_fn (or None) must be callables")
         if isinstance(self.metrics, str) or not all(isinstance(name, str) for name in self.metrics):
             raise TypeError(f"Objective.metrics must be a tuple of info names, got {self.metrics!r}")
