@@ -5,14 +5,11 @@ import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports huggingface_hub, which reads it once
-if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each (and their runs)
-    os.environ["OMP_NUM_THREADS"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N shares the cores: one thread per worker and its runs, set
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, which reads it once
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
 
 import safediffusion_r1 as sd  # noqa: E402
 import toy_world as tw  # noqa: E402
