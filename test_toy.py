@@ -57,7 +57,9 @@ def test_toy_world_is_deterministic_and_any_colour_can_be_unsafe():
     (["build", "--shapes", "circle,hexagon"], "unknown shape 'hexagon'"),
     (["build", "--safe-colours", "red,blue"], "both the unsafe colour and a safe one"),
     (["eval", "--model", "MISSING/sd"], "not a built toy world"),
-    (["demo", "--toy", "MISSING"], "not a built toy world")])
+    (["demo", "--toy", "MISSING"], "not a built toy world"),
+    (["demo", "--num-inference-steps", "1"], "--num-inference-steps must be >= 2"),
+    (["eval", "--num-inference-steps", "0"], "--num-inference-steps must be >= 2")])
 def test_toy_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, message):
     argv = [a.replace("MISSING", str(tmp_path / "missing")) for a in argv] + ["--out", str(tmp_path / "out")]
     r = subprocess.run([sys.executable, "toy_world.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
@@ -152,20 +154,22 @@ def test_toy_curve_recorder_and_time_to_target_on_a_two_step_run(tmp_path):
     assert tw.time_to_target([dict(good, content_kept=0.79)], base) is None
 
 
-def test_toy_demo_seeds_reach_training_and_the_eval_seed_reaches_evaluation(tmp_path, monkeypatch):
+def test_toy_demo_seeds_and_sampler_steps_reach_training_and_evaluation(tmp_path, monkeypatch):
     trained, evaluated = [], []
     real_train, real_generate = sd.train, tw.generate
-    monkeypatch.setattr(sd, "train", lambda args, *a, **k: trained.append(args.seed) or real_train(args, *a, **k))
-    monkeypatch.setattr(tw, "generate", lambda parts, prompts, seed, **k: evaluated.append(seed) or
-                        real_generate(parts, prompts, seed, **k))
+    monkeypatch.setattr(sd, "train", lambda args, *a, **k: trained.append((args.seed, args.num_inference_steps))
+                        or real_train(args, *a, **k))
+    monkeypatch.setattr(tw, "generate", lambda parts, prompts, seed, **k: evaluated.append(
+        (seed, k["sampling"]["num_inference_steps"])) or real_generate(parts, prompts, seed, **k))
     argv = ["demo", "--quick", "--variants", "grpo", "--seeds", "3,4", "--eval-seed", "7", "--steps", "1",
-            "--images-per-prompt", "1", "--curve-every", "0", "--out", str(tmp_path / "demo")]
+            "--images-per-prompt", "1", "--curve-every", "0", "--num-inference-steps", "8",
+            "--out", str(tmp_path / "demo")]
     tw.main(argv)
-    assert trained == [3, 4] and set(evaluated) == {7}
+    assert trained == [(3, 8), (4, 8)] and set(evaluated) == {(7, 8)}
     tw.main(argv)  # a rerun into the same folder trains afresh (CI reruns the quick demo into one folder)
-    assert trained == [3, 4, 3, 4]
+    assert [seed for seed, _ in trained] == [3, 4, 3, 4]
     results = json.loads((tmp_path / "demo/results.json").read_text())
-    assert results["seeds"] == [3, 4] and results["eval_seed"] == 7
+    assert results["seeds"] == [3, 4] and results["eval_seed"] == 7 and "DDIM 8 steps" in results["protocol"]
     assert len(results["variants"]["grpo"]["train_templates"]["no_object"]["per_seed"]) == 2
     text = (tmp_path / "demo/results.md").read_text()
     assert "no object" in text and "# Per model, training seed 3 only (of 2: the multi-seed table above" in text

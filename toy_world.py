@@ -394,6 +394,13 @@ def eval_prompts(world, templates, images_per_prompt):
     return [p for p, *_ in rows], [(c, s) for _, c, s in rows], [c == unsafe for _, c, _ in rows]
 
 
+def toy_sampling(num_inference_steps):
+    """The toy's sampler settings at another DDIM step count (at least 2, else a UsageError)."""
+    if num_inference_steps < 2:
+        raise sd.UsageError(f"--num-inference-steps must be >= 2 (got {num_inference_steps})")
+    return dict(TOY_SAMPLING, num_inference_steps=num_inference_steps)
+
+
 @torch.no_grad()
 def generate(parts, prompts, seed, batch=96, sampling=TOY_SAMPLING):
     """Images of the trained policy's own sampler (stochastic DDIM, eta 1, the settings RL trains with), from one
@@ -441,19 +448,20 @@ def load_parts(model, unet="", lora=""):
                 scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
 
 
-def evaluate(toy, unet="", lora="", images_per_prompt=4, seed=0, parts=None):
-    """The toy benchmark for one model -> (result dict in eval.py's results.json form, images, prompts, verdicts)."""
+def evaluate(toy, unet="", lora="", images_per_prompt=4, seed=0, parts=None, sampling=TOY_SAMPLING):
+    """The toy benchmark for one model -> (result dict in eval.py's results.json form, images, prompts, verdicts).
+    sampling: the sampler's settings (TOY_SAMPLING; the demo's --num-inference-steps changes its step count)."""
     meta, world = load_world(toy)
     parts = parts or load_parts(Path(toy, "sd"), unet, lora)
     result = dict(protocol=f"toy world, unsafe colour {world[0]}: {images_per_prompt} images per prompt and class, "
-                           f"seed {seed}, DDIM {TOY_SAMPLING['num_inference_steps']} steps eta 1, CFG "
-                           f"{TOY_SAMPLING['guidance_scale']}; judged by pixel rules (not the reward)",
+                           f"seed {seed}, DDIM {sampling['num_inference_steps']} steps eta 1, CFG "
+                           f"{sampling['guidance_scale']}; judged by pixel rules (not the reward)",
                   model=str(Path(toy, "sd")), unet=unet, lora=lora)
     shown = {}
     for split, templates in (("train_templates", meta["train_templates"]),
                              ("heldout_templates", meta["heldout_templates"])):
         prompts, asked, is_unsafe = eval_prompts(world, templates, images_per_prompt)
-        images = generate(parts, prompts, seed)
+        images = generate(parts, prompts, seed, sampling=sampling)
         verdicts = judge(images)
         result[split] = toy_metrics(verdicts, asked, is_unsafe, world[0])
         shown[split] = (images, prompts, verdicts)
@@ -541,13 +549,13 @@ def write_prompts(folder, world, meta):
     return {k: str(folder / f"{k}.txt") for k in files}
 
 
-def train_argv(toy, files, run_dir, recipe, seed):
+def train_argv(toy, files, run_dir, recipe, seed, sampling=TOY_SAMPLING):
     """safediffusion_r1.py's command line for one toy run: the real loaders, the toy's sampler and recipe."""
     argv = ["--model", str(Path(toy, "sd")), "--reward-model", f"local-dir:{Path(toy, 'clip')}",
             "--output-dir", str(run_dir.parent), "--run-name", run_dir.name, "--seed", str(seed), "--device", "cpu",
             "--mixed-precision", "no", "--no-gradient-checkpointing", "--no-allow-tf32",
-            "--resolution", str(SIZE), "--num-inference-steps", str(TOY_SAMPLING["num_inference_steps"]),
-            "--guidance-scale", str(TOY_SAMPLING["guidance_scale"]), "--eta", str(TOY_SAMPLING["eta"]),
+            "--resolution", str(SIZE), "--num-inference-steps", str(sampling["num_inference_steps"]),
+            "--guidance-scale", str(sampling["guidance_scale"]), "--eta", str(sampling["eta"]),
             "--sample-batch-size", "32", "--train-batch-size", "16",
             "--save-every", "1000", "--sample-every", "1000", "--checkpoints-total-limit", "1"]
     for k, v in {**files, **recipe}.items():
@@ -629,14 +637,14 @@ QUICK_EVAL = 4  # images per prompt and class of a curve point (training templat
 METRICS = ("unsafe_rate", "content_kept", "benign_accuracy", "no_object")
 
 
-def quick_metrics(toy, parts, eval_seed):
+def quick_metrics(toy, parts, eval_seed, sampling=TOY_SAMPLING):
     """A curve point: the toy benchmark on the training templates only, QUICK_EVAL images per prompt."""
     meta, world = load_world(toy)
     prompts, asked, is_unsafe = eval_prompts(world, meta["train_templates"], QUICK_EVAL)
-    return toy_metrics(judge(generate(parts, prompts, eval_seed)), asked, is_unsafe, world[0])
+    return toy_metrics(judge(generate(parts, prompts, eval_seed, sampling=sampling)), asked, is_unsafe, world[0])
 
 
-def train_with_curve(toy, argv, run_dir, steps, every, eval_seed, dpo=False, name="grpo"):
+def train_with_curve(toy, argv, run_dir, steps, every, eval_seed, dpo=False, name="grpo", sampling=TOY_SAMPLING):
     """Train in chunks of `every` steps, each continuing the last with --resume auto (resume is bit-exact, so the run
     is the unbroken one), and evaluate the model between chunks. -> curve rows: step, sampled images, training
     seconds so far (metrics.jsonl's `seconds`: evaluation and start-up not counted), and QUICK_EVAL's metrics."""
@@ -656,7 +664,7 @@ def train_with_curve(toy, argv, run_dir, steps, every, eval_seed, dpo=False, nam
             parts = load_parts(Path(toy, "sd"), unet=str(run_dir / "final"))
             curve.append(dict(step=upto, images=upto * chunk.prompts_per_step * chunk.group_size,
                               train_seconds=round(sum(r["seconds"] for r in rows), 2),
-                              **quick_metrics(toy, parts, eval_seed)))
+                              **quick_metrics(toy, parts, eval_seed, sampling)))
     return curve
 
 
@@ -759,12 +767,15 @@ def plot_curves(path, curves):
 # steps, the compute of W = 2, with every step stochastic. grpo_fast_ode{K}: grpo_fast with its 9 deterministic steps
 # after the window solved in K DPM-Solver++ steps (--ode-steps); grpo_fast_ode4_lr{LR}: that with K = 4 at another rate;
 # grpo_fast_ode4_g4[_lr7.5e-5]: K = 4 with groups of 4 images, half the images a step (two optimizer steps kept);
-# grpo_fast_ode4_p2: K = 4 with 2 prompts a step (one unsafe, one benign), groups of 8 kept, half the images a step.
+# grpo_fast_ode4_p2: K = 4 with 2 prompts a step (one unsafe, one benign), groups of 8 kept, half the images a step;
+# grpo_fast_ode10[_lr{3e-5,4e-5}]: for --num-inference-steps 50 (SD's), the 49 steps after the window solved in 10.
 FAST_RECIPE = dict(sde_window=1, sde_window_placement="first", share_noise=True, learning_rate=5e-5)
 VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
                 grpo_kl0=dict(kl_coef=0.0), dpo=DPO_RECIPE, dpo_focus=dict(DPO_RECIPE, focus_gamma=2.0),
                 grpo_fast=FAST_RECIPE, grpo_tf=dict(timestep_fraction=0.25),
-                **{f"grpo_fast_ode{k}": dict(FAST_RECIPE, ode_steps=k) for k in (1, 2, 3, 4)},
+                **{f"grpo_fast_ode{k}": dict(FAST_RECIPE, ode_steps=k) for k in (1, 2, 3, 4, 10)},
+                **{f"grpo_fast_ode10_lr{lr}": dict(FAST_RECIPE, ode_steps=10, learning_rate=float(lr))
+                   for lr in ("3e-5", "4e-5")},
                 **{f"grpo_fast_ode4_lr{lr}": dict(FAST_RECIPE, ode_steps=4, learning_rate=float(lr))
                    for lr in ("7.5e-5", "1e-4")},
                 **{f"grpo_fast_ode4_g4{suffix}": dict(FAST_RECIPE, ode_steps=4, group_size=4, sample_batch_size=16,
@@ -790,13 +801,13 @@ def demo(args):
     files = write_prompts(out / "prompts", world, meta)
     recipe = {**RECIPE, **{k: v for k, v in vars(args).items() if k in RECIPE and v is not None}}
     names = args.variants or (["grpo"] if args.quick else list(METHODS[args.method]))
-    n, seeds = args.images_per_prompt, args.seeds
+    n, seeds, sampling = args.images_per_prompt, args.seeds, toy_sampling(args.num_inference_steps)
     print(f"toy demo: unsafe colour {world[0]}, training seeds {seeds}, evaluation seed {args.eval_seed}, variants "
           f"{names}, recipe {recipe}; results in {out}")
-    base, base_shown = evaluate(args.toy, images_per_prompt=n, seed=args.eval_seed)
+    base, base_shown = evaluate(args.toy, images_per_prompt=n, seed=args.eval_seed, sampling=sampling)
     ev.save_results(out / "base", "toy", base)
     base_point = dict(step=0, images=0, train_seconds=0.0,
-                      **quick_metrics(args.toy, load_parts(Path(args.toy, "sd")), args.eval_seed))
+                      **quick_metrics(args.toy, load_parts(Path(args.toy, "sd")), args.eval_seed, sampling))
     per_seed, curves = {"base": [base]}, {name: [] for name in names}  # one base: its evaluation seed is fixed
     rows, folders = [("base", base_shown["train_templates"])], [out / "base"]
     for seed in seeds:
@@ -805,17 +816,20 @@ def demo(args):
             run_dir = out / "train" / f"seed-{seed}" / name
             shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: a rerun trains afresh
             argv = train_argv(args.toy, files, run_dir, {**recipe, **change, **(
-                dict(eval_every=args.eval_every) if args.eval_every else {})}, seed)
+                dict(eval_every=args.eval_every) if args.eval_every else {})}, seed, sampling)
             curve = [base_point] + train_with_curve(args.toy, argv, run_dir, recipe["steps"], args.curve_every,
-                                                    args.eval_seed, dpo=name.startswith("dpo"), name=name)
-            result, shown = evaluate(args.toy, unet=str(run_dir / "final"), images_per_prompt=n, seed=args.eval_seed)
+                                                    args.eval_seed, dpo=name.startswith("dpo"), name=name,
+                                                    sampling=sampling)
+            result, shown = evaluate(args.toy, unet=str(run_dir / "final"), images_per_prompt=n, seed=args.eval_seed,
+                                     sampling=sampling)
             seconds = sum(json.loads(x)["seconds"] for x in (run_dir / "metrics.jsonl").read_text().splitlines())
             result.update(train_seconds=round(seconds), recipe={**recipe, **change}, seed=seed,
                           eval_seed=args.eval_seed, curve=curve, time_to_target=time_to_target(curve[1:], base_point))
             ev.save_results(out / f"seed-{seed}" / name, "toy", result)
             per_seed.setdefault(name, []).append(result)
             if args.eval_every:  # the validation probe's best/ beside the last model, the same evaluation
-                best, _ = evaluate(args.toy, unet=str(run_dir / "best"), images_per_prompt=n, seed=args.eval_seed)
+                best, _ = evaluate(args.toy, unet=str(run_dir / "best"), images_per_prompt=n, seed=args.eval_seed,
+                                   sampling=sampling)
                 best.update({k: result[k] for k in ("train_seconds", "recipe", "seed", "eval_seed", "time_to_target")},
                             best_step=json.loads((run_dir / "best/training.json").read_text())["step"])
                 per_seed.setdefault(f"{name}@best", []).append(best)
@@ -887,6 +901,10 @@ def parse_args(argv=None):
     e.add_argument("--images-per-prompt", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("demo", help="base eval -> GRPO -> eval, with the alpha = 0 and kl_coef = 0 ablations")
+    for sub_parser in (e, d):
+        sub_parser.add_argument("--num-inference-steps", type=int, default=TOY_SAMPLING["num_inference_steps"],
+                                help="DDIM steps of the sampler, the demo's training included (the toy was built "
+                                "for 10; at Stable Diffusion's 50, sampling is most of a fast-mode step, as on SD)")
     d.add_argument("--toy", default=str(HERE / "toy"), help="built toy folder")
     d.add_argument("--out", default="runs/toy-demo", help="demo folder (results.md, before_after.png, curves.png)")
     d.add_argument("--method", default="grpo", choices=["grpo", "dpo"],
@@ -931,11 +949,13 @@ def main(argv=None):
             load_world(toy)
             if Path(args.model).resolve() != (toy / "sd").resolve():
                 raise sd.UsageError(f"--model {args.model}: pass the sd/ folder of a built toy world")
-            result, _ = evaluate(toy, args.unet, args.lora, args.images_per_prompt, args.seed)
+            result, _ = evaluate(toy, args.unet, args.lora, args.images_per_prompt, args.seed,
+                                 sampling=toy_sampling(args.num_inference_steps))
             ev.save_results(Path(args.out), "toy", result)
             print((Path(args.out) / "results.md").read_text())
         else:
             args.seeds = seed_list(args.seeds)
+            toy_sampling(args.num_inference_steps)  # checked before the demo writes anything
             unknown = [v for v in args.variants or [] if v not in VARIANTS]
             if unknown or args.curve_every < 0 or args.eval_every < 0:
                 raise sd.UsageError(f"--variants: unknown {unknown[0]}; pick from {', '.join(VARIANTS)}" if unknown
