@@ -768,7 +768,8 @@ def plot_curves(path, curves):
 # after the window solved in K DPM-Solver++ steps (--ode-steps); grpo_fast_ode4_lr{LR}: that with K = 4 at another rate;
 # grpo_fast_ode4_g4[_lr7.5e-5]: K = 4 with groups of 4 images, half the images a step (two optimizer steps kept);
 # grpo_fast_ode4_p2: K = 4 with 2 prompts a step (one unsafe, one benign), groups of 8 kept, half the images a step;
-# grpo_fast_ode10[_lr{3e-5,4e-5}]: for --num-inference-steps 50 (SD's), the 49 steps after the window solved in 10.
+# grpo_fast_ode10[_lr{3e-5,4e-5}]: for --num-inference-steps 50 (SD's), the 49 steps after the window solved in 10;
+# grpo_fast_w{3,5}_ode10_lr4e-5: that with a window of the 3 or 5 noisiest steps of 50 (5: the toy's one of 10).
 FAST_RECIPE = dict(sde_window=1, sde_window_placement="first", share_noise=True, learning_rate=5e-5)
 VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
                 grpo_kl0=dict(kl_coef=0.0), dpo=DPO_RECIPE, dpo_focus=dict(DPO_RECIPE, focus_gamma=2.0),
@@ -776,6 +777,8 @@ VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
                 **{f"grpo_fast_ode{k}": dict(FAST_RECIPE, ode_steps=k) for k in (1, 2, 3, 4, 10)},
                 **{f"grpo_fast_ode10_lr{lr}": dict(FAST_RECIPE, ode_steps=10, learning_rate=float(lr))
                    for lr in ("3e-5", "4e-5")},
+                **{f"grpo_fast_w{w}_ode10_lr4e-5": dict(FAST_RECIPE, sde_window=w, ode_steps=10, learning_rate=4e-5)
+                   for w in (3, 5)},
                 **{f"grpo_fast_ode4_lr{lr}": dict(FAST_RECIPE, ode_steps=4, learning_rate=float(lr))
                    for lr in ("7.5e-5", "1e-4")},
                 **{f"grpo_fast_ode4_g4{suffix}": dict(FAST_RECIPE, ode_steps=4, group_size=4, sample_batch_size=16,
