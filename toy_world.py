@@ -793,10 +793,11 @@ VARIANTS = dict(grpo={}, grpo_alpha0=dict(alpha=0.0, steering="add"),
 METHODS = dict(grpo=("grpo", "grpo_alpha0", "grpo_kl0"), dpo=("grpo", "dpo", "dpo_focus"))
 
 
-def demo(args):
+def demo(args, sampling=TOY_SAMPLING):
     """Base eval, then per training seed every variant trained through safediffusion_r1.train() (in chunks, with a
     curve point between chunks) and evaluated with the evaluation seed; the multi-seed table, the before/after grid
-    (first seed), the curves over training time, and the alpha tables."""
+    (first seed), the curves over training time, and the alpha tables. sampling: the sampler's settings of training
+    and of every evaluation (main() builds them from --num-inference-steps)."""
     meta, world = load_world(args.toy)
     out = Path(args.out)
     sd.check_output_dir(out)
@@ -804,7 +805,7 @@ def demo(args):
     files = write_prompts(out / "prompts", world, meta)
     recipe = {**RECIPE, **{k: v for k, v in vars(args).items() if k in RECIPE and v is not None}}
     names = args.variants or (["grpo"] if args.quick else list(METHODS[args.method]))
-    n, seeds, sampling = args.images_per_prompt, args.seeds, toy_sampling(args.num_inference_steps)
+    n, seeds = args.images_per_prompt, args.seeds
     print(f"toy demo: unsafe colour {world[0]}, training seeds {seeds}, evaluation seed {args.eval_seed}, variants "
           f"{names}, recipe {recipe}; results in {out}")
     base, base_shown = evaluate(args.toy, images_per_prompt=n, seed=args.eval_seed, sampling=sampling)
@@ -958,12 +959,12 @@ def main(argv=None):
             print((Path(args.out) / "results.md").read_text())
         else:
             args.seeds = seed_list(args.seeds)
-            toy_sampling(args.num_inference_steps)  # checked before the demo writes anything
+            sampling = toy_sampling(args.num_inference_steps)  # checked before the demo writes anything
             unknown = [v for v in args.variants or [] if v not in VARIANTS]
             if unknown or args.curve_every < 0 or args.eval_every < 0:
                 raise sd.UsageError(f"--variants: unknown {unknown[0]}; pick from {', '.join(VARIANTS)}" if unknown
                                     else "--curve-every and --eval-every must be >= 0")
-            demo(args)
+            demo(args, sampling)
 
 
 if __name__ == "__main__":
